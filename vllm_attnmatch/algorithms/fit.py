@@ -1,0 +1,176 @@
+"""Fit β and values for a chosen key subset, and keep the fit only where it helps on held-out queries.
+
+Why the held-out machinery: the calibration showed a fit that is excellent on its own reference queries
+and worse than plain eviction on the continuation. So every degree of freedom is chosen on queries the fit
+did not see: the ridge on β (towards β = 0), the ridge on values (towards ``V[idx]``), and finally a
+per-head gate that falls back to the plain kept entries (β = old bias, original values) when the fitted
+block does not beat them on held-out attention error. Everything is batched over heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .nnls import nnls
+from .values import DEFAULT_ALPHAS, relative_output_error, ridge_path
+
+INF = float("inf")
+
+
+@dataclass
+class FitConfig:
+    """Knobs of the β / value fit.
+
+    Parameters
+    ----------
+    fit_beta, fit_values : fit β by bounded NNLS / values by ridge least squares (else β = 0, V[idx]).
+    beta_bounds : box for β (log-mass weight); keeps β storable and plausible.
+    beta_ridges : data-scaled ridge strengths towards β = 0 tried on held-out queries (inf = no β).
+    value_alphas : data-scaled ridge strengths towards V[idx] tried on held-out queries (inf = V[idx]).
+    heldout_fraction : share of reference queries held out for the selections and the gate.
+    gate : per head, keep the fitted β/values only if they beat the plain kept entries on held-out queries.
+    value_clip : |C2| ≤ value_clip · max|V| of the head (a last guard; bf16-safe).
+    mass_weight : weight of the held-out log-mass error next to the relative output error in the gate.
+    """
+
+    fit_beta: bool = True
+    fit_values: bool = True
+    beta_bounds: tuple[float, float] = (-3.0, 3.0)
+    beta_ridges: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1, 1.0, INF)
+    value_alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    heldout_fraction: float = 0.25
+    gate: bool = True
+    value_clip: float = 4.0
+    mass_weight: float = 1.0
+    nnls_iters: int = 200
+
+
+@dataclass
+class FitResult:
+    beta: torch.Tensor  # (H,t) fp32, includes the old bias of the kept keys
+    values: torch.Tensor  # (H,t,d) fp32
+    heldout_output_error: torch.Tensor  # (H,)
+    heldout_mass_error: torch.Tensor  # (H,)
+    plain_output_error: torch.Tensor  # (H,)
+    plain_mass_error: torch.Tensor  # (H,)
+    choice: torch.Tensor  # (H,) 0 = plain, 1 = β only, 2 = β + values
+    info: dict = field(default_factory=dict)
+
+
+def heldout_split(n: int, fraction: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    """``(n,)`` bool, True = held out. With very few queries everything is used for both."""
+    held = torch.zeros(n, dtype=torch.bool)
+    k = int(round(n * fraction))
+    if n >= 8 and k >= 1:
+        perm = torch.randperm(n, generator=generator)
+        held[perm[:k]] = True
+    return held.to(device)
+
+
+def _softmax_rows(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis that maps all ``-inf`` rows to zeros instead of NaN."""
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _mass_error(A: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per head RMS of ``log(Ẑ/Z)`` over ``rows``; ``A`` is the relative mass design (target 1)."""
+    ratio = torch.bmm(A, w.unsqueeze(-1)).squeeze(-1).clamp_min(1e-6)
+    err = torch.log(ratio).pow(2) * rows
+    return torch.sqrt(err.sum(-1) / rows.sum(-1).clamp_min(1))
+
+
+def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, cfg: FitConfig,
+              heldout: torch.Tensor) -> FitResult:
+    """β and values for kept keys ``idx (H,t)`` given full-block ``targets`` (see :mod:`.targets`)."""
+    H, n, T = targets.logits.shape
+    t = idx.shape[1]
+    s_k = torch.gather(targets.logits, 2, idx.unsqueeze(1).expand(H, n, t))  # includes old bias
+    bias_k = torch.gather(bias.float(), 1, idx) if bias is not None else torch.zeros(H, t, device=idx.device)
+    V0 = torch.gather(values.float(), 1, idx.unsqueeze(-1).expand(H, t, values.shape[-1]))
+    valid = targets.valid
+    train = valid & ~heldout.unsqueeze(0)
+    held = valid & heldout.unsqueeze(0)
+    if not heldout.any():
+        train = held = valid
+    # Relative mass design: row q divided by its own target Z(q) so every query counts alike.
+    safe_max = torch.where(valid, targets.rowmax, torch.zeros_like(targets.rowmax))
+    z_scaled = torch.exp(targets.log_mass - safe_max).where(valid, torch.ones_like(safe_max))
+    A = torch.exp(s_k - safe_max.unsqueeze(-1)) / z_scaled.unsqueeze(-1)
+    A = A * valid.unsqueeze(-1)
+    ones_w = torch.ones(H, t, device=idx.device)
+    lo, hi = math.exp(cfg.beta_bounds[0]), math.exp(cfg.beta_bounds[1])
+
+    def out_err(w, C2, rows):
+        X = _softmax_rows(s_k + torch.log(w).unsqueeze(1))
+        return relative_output_error(torch.bmm(X, C2), targets.output, rows)
+
+    plain_mass = _mass_error(A, ones_w, held)
+    plain_out = out_err(ones_w, V0, held)
+    info: dict = {}
+
+    # --- β: bounded NNLS on train rows, ridge towards w = 1 chosen on held-out mass error.
+    w = ones_w
+    if cfg.fit_beta:
+        At = A * train.unsqueeze(-1)
+        G_scale = (At.pow(2).sum((1, 2)) / t).clamp_min(1e-30)  # mean eigenvalue of AᵀA per head
+        cands, errs = [], []
+        for mu in cfg.beta_ridges:
+            if mu == INF:
+                w_mu = ones_w
+            else:
+                # per-head ridge: scale each head's rows so one scalar ridge is data-scaled for all heads
+                w_mu = _nnls_scaled(At, train, lo, hi, mu, G_scale, cfg.nnls_iters)
+            cands.append(w_mu)
+            errs.append(_mass_error(A, w_mu, held))
+        errs_t = torch.stack(errs)  # (M,H)
+        best = errs_t.argmin(0)
+        w = torch.stack(cands)[best, torch.arange(H)]
+        info["beta_ridge"] = [cfg.beta_ridges[i] for i in best.tolist()]
+
+    # --- values: ridge towards V[idx] on train rows, α chosen on held-out output error.
+    C2 = V0
+    if cfg.fit_values:
+        X = _softmax_rows(s_k + torch.log(w).unsqueeze(1))
+        tw = train.unsqueeze(-1).float()
+        path = ridge_path(X * tw, targets.output * tw, V0, cfg.value_alphas)
+        vmax = values.float().abs().amax(dim=(1, 2)).clamp_min(1e-6)[:, None, None] * cfg.value_clip
+        path = [torch.maximum(torch.minimum(p, vmax), -vmax) for p in path]
+        errs = torch.stack([relative_output_error(torch.bmm(X, p), targets.output, held) for p in path])
+        best = errs.argmin(0)
+        C2 = torch.stack(path)[best, torch.arange(H)]
+        info["value_alpha"] = [cfg.value_alphas[i] for i in best.tolist()]
+
+    # --- gate: plain (0), β only (1), β + values (2); lowest held-out combined error wins per head.
+    options = [(ones_w, V0), (w, V0), (w, C2)]
+    outs = torch.stack([out_err(wi, ci, held) for wi, ci in options])
+    masses = torch.stack([_mass_error(A, wi, held) for wi, _ in options])
+    score = outs + cfg.mass_weight * masses
+    choice = score.argmin(0) if cfg.gate else torch.full((H,), 2, dtype=torch.long, device=idx.device)
+    ar = torch.arange(H, device=idx.device)
+    w_final = torch.stack([o[0] for o in options])[choice, ar]
+    C2_final = torch.stack([o[1] for o in options])[choice, ar]
+    beta = (torch.log(w_final) + bias_k).float()
+    return FitResult(beta, C2_final.float(), outs[choice, ar], masses[choice, ar], plain_out, plain_mass,
+                     choice, info)
+
+
+def _nnls_scaled(At, rows, lo, hi, mu, G_scale, iters):
+    """NNLS towards w = 1 with ridge ``mu·mean_eig(AᵀA)`` per head (heads have different scales)."""
+    ridge_per_head = (mu * G_scale)
+    # nnls() takes one scalar ridge; fold per-head scale in by solving each head's normal equations jointly.
+    G = torch.bmm(At.transpose(1, 2), At)
+    y = rows.float()
+    h = torch.bmm(At.transpose(1, 2), y.unsqueeze(-1)).squeeze(-1)
+    if mu > 0:
+        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+        G = G + ridge_per_head[:, None, None] * eye
+        h = h + ridge_per_head[:, None]
+    from .nnls import nnls_normal
+
+    return nnls_normal(G, h, lo, hi, iters=iters, init=torch.ones_like(h))

@@ -1,0 +1,67 @@
+"""Attention Matching with highest-attention key selection (the paper's fast method, our default).
+
+Why these knobs: the kept keys are the ones reference queries attend to most (``rms`` of the block
+softmax, as the authors do); attention sinks and the most recent tokens are protected because the
+calibration showed eviction collapses without sinks and the continuation leans on the recent window;
+``mix_mean`` blends in H2O-style accumulated attention, and ``pool`` (SnapKV) keeps neighbours. β and
+values are then fitted and gated on held-out queries (:mod:`.fit`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import CompactionInputs, Method, register
+from .scoring import pool_scores, protected_mask, reduce_scores, topk_indices
+
+
+def attention_scores(inp: CompactionInputs, reduction: str, mix_mean: float = 0.0, pool: int = 0,
+                     late_fraction: float = 1.0) -> torch.Tensor:
+    """``(H,T)`` key scores from the (causal) block softmax of the reference queries.
+
+    ``late_fraction < 1`` scores with the queries of the last part of the context only (by position),
+    whose view of the block is closest to what later tokens will see.
+    """
+    probs = inp.targets.probs
+    weights = None
+    if late_fraction < 1.0 and inp.query_positions is not None:
+        qp = inp.query_positions.to(probs.device).float()
+        cut = torch.quantile(qp, 1.0 - late_fraction)
+        weights = (qp >= cut).float().expand(probs.shape[0], -1)
+    s = reduce_scores(probs, reduction, weights)
+    if mix_mean > 0:
+        m = reduce_scores(probs, "mean", weights)
+        s = (1 - mix_mean) * s / s.amax(-1, keepdim=True).clamp_min(1e-30) + mix_mean * m / m.amax(-1, keepdim=True).clamp_min(1e-30)
+    return pool_scores(s, pool)
+
+
+@register("highest_attention")
+@dataclass
+class HighestAttention(Method):
+    """Keep the keys with the highest attention score, then fit β (NNLS) and values (ridge LS).
+
+    Parameters
+    ----------
+    reduction : ``rms`` | ``max`` | ``mean`` | ``sum`` over reference queries.
+    pool : odd max-pool kernel over the sequence (0 = off).
+    mix_mean : weight of H2O-style mean attention blended into the score (0 = pure ``reduction``).
+    late_fraction : score with the latest fraction of the context's queries only (1 = all).
+    sinks : first keys always kept (attention sinks).
+    recent : last keys always kept, as a fraction of the budget.
+    """
+
+    reduction: str = "rms"
+    pool: int = 0
+    mix_mean: float = 0.0
+    late_fraction: float = 1.0
+    sinks: int = 4
+    recent: float = 0.0
+    fits = True
+
+    def select(self, inp: CompactionInputs) -> torch.Tensor:
+        t = inp.target
+        scores = attention_scores(inp, self.reduction, self.mix_mean, self.pool, self.late_fraction)
+        forced = protected_mask(inp.length, t, self.sinks, int(self.recent * t), scores.device)
+        return topk_indices(scores, t, forced)

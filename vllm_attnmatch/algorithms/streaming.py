@@ -1,0 +1,26 @@
+"""StreamingLLM baseline (Xiao et al. 2023): attention sinks plus the most recent keys. No queries used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import CompactionInputs, Method, register
+from .scoring import protected_mask
+
+
+@register("streaming")
+@dataclass
+class Streaming(Method):
+    """Parameters
+    ----------
+    sinks : first keys kept (the rest of the budget is the most recent keys).
+    """
+
+    sinks: int = 4
+
+    def select(self, inp: CompactionInputs) -> torch.Tensor:
+        t = inp.target
+        m = protected_mask(inp.length, t, self.sinks, t, inp.keys.device)
+        return m.nonzero().squeeze(-1).expand(inp.num_heads, t).clone()
