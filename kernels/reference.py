@@ -210,6 +210,8 @@ def scatter_paged_kv_ref(
     """
     H, t, d = keys.shape
     block_size = key_cache.shape[1]
+    if beta is not None and bias_cache is None:
+        raise ValueError("beta given but no bias_cache to write it to")
     end = block_ids.numel() * block_size if pad_tail else start_slot + t
     if start_slot + t > block_ids.numel() * block_size:
         raise ValueError(f"slots [{start_slot}, {start_slot + t}) do not fit in {block_ids.numel()} blocks")

@@ -1,0 +1,56 @@
+"""Kernel tests run on CPU through Triton's interpreter: TRITON_INTERPRET must be set before any kernel is
+decorated, so it is set here, at import time, and kernel modules imported earlier are reloaded."""
+
+import importlib
+import importlib.util
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+for _name in ("_triton_common", "key_scores", "paged_attention_bias", "paged_gather_scatter"):
+    _mod = sys.modules.get(f"vllm_attnmatch.kernels.{_name}")
+    if _mod is not None:  # decorated without the interpreter by an earlier import: redo it
+        importlib.reload(_mod)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def build_paged(per_seq_tensors, block_size, num_blocks, generator, fill=float("nan")):
+    """Place each sequence's dense ``(L, ...)`` tensors into shuffled physical blocks of fresh caches.
+
+    ``per_seq_tensors``: list (per sequence) of tuples of tensors ``(L, *tail)``, one per cache.
+    Unused slots hold ``fill`` (NaN by default, so any read of a slot that should be skipped shows up).
+    Returns (caches, block_table int32 [num_seqs, max_blocks]).
+    """
+    n_caches = len(per_seq_tensors[0])
+    caches = [
+        torch.full((num_blocks, block_size, *t.shape[1:]), fill, dtype=t.dtype) for t in per_seq_tensors[0]
+    ]
+    lens = [tensors[0].shape[0] for tensors in per_seq_tensors]
+    blocks_needed = [-(-L // block_size) for L in lens]
+    assert sum(blocks_needed) <= num_blocks
+    perm = torch.randperm(num_blocks, generator=generator)
+    table = torch.zeros(len(lens), max(max(blocks_needed), 1), dtype=torch.int32)
+    used = 0
+    for s, tensors in enumerate(per_seq_tensors):
+        ids = perm[used: used + blocks_needed[s]]
+        used += blocks_needed[s]
+        table[s, : len(ids)] = ids.int()
+        for pos in range(lens[s]):  # plain per-token loop: this is the naive layout the tests trust
+            for c in range(n_caches):
+                caches[c][ids[pos // block_size], pos % block_size] = tensors[c][pos]
+    return caches, table
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def paged():
+    """The :func:`build_paged` helper (fixtures avoid importing conftest by module name)."""
+    return build_paged
+
