@@ -1,0 +1,281 @@
+"""Configuration: the server settings (``--additional-config '{"attnmatch": {...}}'``) and the
+per-request keys (``vllm_xargs`` → ``SamplingParams.extra_args``).
+
+Why pydantic: every value a user can type is validated in one place, unknown keys are rejected, and
+errors name the key and the allowed values. This module must not import vLLM: the scheduler, the
+workers, the front end and the tests all parse the same models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_KEY = "attnmatch"
+REQUEST_KEY_PREFIX = "am_"
+
+Method = Literal["highest_attention", "omp", "snapkv", "h2o", "streaming", "truncate", "random"]
+QuerySource = Literal["context", "repeat", "self_study"]
+METHOD_NAMES: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+QUERY_SOURCES: tuple[str, ...] = QuerySource.__args__  # type: ignore[attr-defined]
+PRESETS: tuple[str, ...] = ("default", "fast", "quality", "online")
+
+# Bounds that keep a single request from asking for absurd work; generous for real contexts.
+MAX_TOKENS_BOUND = 10_000_000
+MIN_CHUNK_TOKENS = 16
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is invalid; ``key`` names it, ``allowed`` says what would be accepted."""
+
+    def __init__(self, key: str, message: str, allowed: str | None = None):
+        self.key = key
+        self.allowed = allowed
+        text = f"{key}: {message}"
+        if allowed:
+            text += f" (allowed: {allowed})"
+        super().__init__(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-request parameters
+# ------------------------------------------------------------------------------------------------
+
+#: What each request key accepts, in words; used in every error message about that key.
+REQUEST_KEYS_ALLOWED: dict[str, str] = {
+    "am_ratio": "a number in (0, 1]",
+    "am_target_tokens": f"an integer in [1, {MAX_TOKENS_BOUND}]",
+    "am_method": " | ".join(METHOD_NAMES),
+    "am_queries": " | ".join(QUERY_SOURCES),
+    "am_keep_first": f"an integer in [0, {MAX_TOKENS_BOUND}]",
+    "am_keep_last": f"an integer in [0, {MAX_TOKENS_BOUND}]",
+    "am_chunk_tokens": f"an integer in [{MIN_CHUNK_TOKENS}, {MAX_TOKENS_BOUND}]",
+    "am_max_kv_tokens": f"an integer in [1, {MAX_TOKENS_BOUND}]",
+}
+
+
+class RequestParams(BaseModel):
+    """The ``am_*`` keys of one request, exactly as the contract in DESIGN.md names them.
+
+    Strict types: HTTP clients send JSON numbers and strings, and a string where a number belongs is
+    a client bug worth a 400, not a silent coercion. ``true`` arrives as ``1`` (vLLM's union type)
+    and is therefore indistinguishable from the integer 1.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    am_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    am_target_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+    am_method: Method | None = None
+    am_queries: QuerySource | None = None
+    am_keep_first: int | None = Field(default=None, ge=0, le=MAX_TOKENS_BOUND)
+    am_keep_last: int | None = Field(default=None, ge=0, le=MAX_TOKENS_BOUND)
+    am_chunk_tokens: int | None = Field(default=None, ge=MIN_CHUNK_TOKENS, le=MAX_TOKENS_BOUND)
+    am_max_kv_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "RequestParams":
+        if self.am_ratio is not None and self.am_target_tokens is not None:
+            raise ValueError("am_ratio and am_target_tokens are mutually exclusive")
+        return self
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.model_dump(exclude_none=True)
+
+
+def _first_error(exc: ValidationError, allowed: Mapping[str, str]) -> ConfigError:
+    """Turn pydantic's error list into one ConfigError naming the (first) offending key."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    key = loc[0] if loc else ""
+    if err["type"] == "extra_forbidden":
+        return ConfigError(key, "unknown key", "one of " + ", ".join(sorted(allowed)))
+    if not key:  # model-level validator (mutually exclusive keys)
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        first = msg.split(" ", 1)[0]
+        return ConfigError(first, msg, "set only one of them")
+    value = err.get("input")
+    return ConfigError(".".join(loc), f"invalid value {value!r}: {err['msg']}", allowed.get(key))
+
+
+def request_keys(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``am_*`` subset of a request's extra_args (other plugins' keys are not ours to judge)."""
+    if not extra_args:
+        return {}
+    return {k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith(REQUEST_KEY_PREFIX)}
+
+
+def parse_request_params(extra_args: Mapping[str, Any] | None) -> RequestParams:
+    """Validate a request's ``am_*`` keys; raise ConfigError naming the key on the first problem."""
+    keys = request_keys(extra_args)
+    for key, value in keys.items():
+        # pydantic's allow_inf_nan does not cover every path (e.g. an int field given nan); check once.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"invalid value {value!r}: must be finite", REQUEST_KEYS_ALLOWED.get(key))
+    try:
+        return RequestParams.model_validate(keys)
+    except ValidationError as exc:
+        raise _first_error(exc, REQUEST_KEYS_ALLOWED) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Server settings
+# ------------------------------------------------------------------------------------------------
+
+AlgorithmOption = float | int | str | bool | None
+
+
+class ServerConfig(BaseModel):
+    """Settings of the ``attnmatch`` section of ``--additional-config``.
+
+    Defaults for per-request keys live here under the same names without the ``am_`` prefix; a request
+    overrides them key by key. ``ratio`` and ``target_tokens`` both unset means requests without
+    ``am_*`` keys are served uncompacted.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    preset: str | None = Field(default=None, description="preset name in configs/ or a YAML path")
+    ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    target_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+    method: Method = "highest_attention"
+    queries: QuerySource = "context"
+    keep_first: int = Field(default=0, ge=0, le=MAX_TOKENS_BOUND)
+    keep_last: int = Field(default=0, ge=0, le=MAX_TOKENS_BOUND)
+    chunk_tokens: int | None = Field(default=None, ge=MIN_CHUNK_TOKENS, le=MAX_TOKENS_BOUND)
+    # Online mode (compaction at a memory ceiling during decode).
+    max_kv_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+    online_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
+    online_recent_tokens: int = Field(default=64, ge=0, le=MAX_TOKENS_BOUND)
+    online_max_compactions: int | None = Field(default=None, ge=1)
+    # Reference queries and limits.
+    max_query_tokens: int = Field(default=4096, ge=1, le=MAX_TOKENS_BOUND)
+    min_prompt_tokens: int = Field(default=32, ge=1, le=MAX_TOKENS_BOUND)
+    # Options forwarded to algorithms.compact() (e.g. {"score": "rms"}); names are the algorithm's.
+    algorithm: dict[str, AlgorithmOption] = Field(default_factory=dict)
+    log_compactions: bool = True
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "ServerConfig":
+        if self.ratio is not None and self.target_tokens is not None:
+            raise ValueError("ratio and target_tokens are mutually exclusive")
+        return self
+
+    @property
+    def compacts_by_default(self) -> bool:
+        return self.ratio is not None or self.target_tokens is not None
+
+    def summary(self) -> str:
+        """One line with the effective settings, for the per-process start-up log line."""
+        return json.dumps(self.model_dump(exclude={"preset"}), sort_keys=True, separators=(",", ":"))
+
+
+SERVER_KEYS_ALLOWED: dict[str, str] = {
+    name: (field.description or str(field.annotation)) for name, field in ServerConfig.model_fields.items()
+}
+
+
+def preset_path(name_or_path: str) -> Path:
+    """Resolve a preset: a bundled name (default, fast, quality, online) or a path to a YAML file."""
+    if name_or_path in PRESETS:
+        return Path(str(resources.files("vllm_attnmatch.configs").joinpath(f"{name_or_path}.yaml")))
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"{CONFIG_KEY}.preset", f"no preset or file named {name_or_path!r}", " | ".join(PRESETS) + " | a YAML path"
+        )
+    return path
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    data = yaml.safe_load(preset_path(name_or_path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{CONFIG_KEY}.preset", f"{name_or_path!r} is not a YAML mapping")
+    if "preset" in data:
+        raise ConfigError(f"{CONFIG_KEY}.preset", f"{name_or_path!r} may not name another preset")
+    return data
+
+
+def parse_server_config(section: Any) -> ServerConfig:
+    """Validate the ``attnmatch`` section (a dict, a JSON string, or a preset name); preset first,
+    inline keys override it."""
+    if isinstance(section, str):
+        stripped = section.strip()
+        section = json.loads(stripped) if stripped.startswith("{") else {"preset": stripped}
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(CONFIG_KEY, f"must be a JSON object, got {type(section).__name__}")
+    merged: dict[str, Any] = {}
+    if section.get("preset"):
+        merged.update(load_preset(str(section["preset"])))
+    merged.update(section)
+    try:
+        return ServerConfig.model_validate(merged)
+    except ValidationError as exc:
+        err = _first_error(exc, SERVER_KEYS_ALLOWED)
+        raise ConfigError(f"{CONFIG_KEY}.{err.key}", str(err).split(": ", 1)[1]) from None
+
+
+def server_config_from(additional_config: Any) -> ServerConfig | None:
+    """The plugin's settings from vLLM's ``additional_config``, or None when the plugin is off."""
+    if not isinstance(additional_config, Mapping) or CONFIG_KEY not in additional_config:
+        return None
+    return parse_server_config(additional_config[CONFIG_KEY])
+
+
+# ------------------------------------------------------------------------------------------------
+# Effective per-request settings
+# ------------------------------------------------------------------------------------------------
+
+
+class EffectiveParams(BaseModel):
+    """What the engine does for one request: server defaults overridden key by key by the request."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ratio: float | None
+    target_tokens: int | None
+    method: Method
+    queries: QuerySource
+    keep_first: int
+    keep_last: int
+    chunk_tokens: int | None
+    max_kv_tokens: int | None
+
+    @property
+    def compacts_prefill(self) -> bool:
+        """Compact right after the prefill (a budget is set)."""
+        return self.ratio is not None or self.target_tokens is not None
+
+    def cache_key(self) -> str:
+        """Every parameter that changes a compaction's result (for the compacted-prefix store)."""
+        return json.dumps(self.model_dump(exclude={"max_kv_tokens"}), sort_keys=True, separators=(",", ":"))
+
+
+def effective_params(server: ServerConfig, request: RequestParams) -> EffectiveParams:
+    """Merge a request's keys over the server defaults. A request budget replaces both server budgets."""
+    has_budget = request.am_ratio is not None or request.am_target_tokens is not None
+    ratio = request.am_ratio if has_budget else server.ratio
+    target = request.am_target_tokens if has_budget else server.target_tokens
+
+    def pick(request_value, server_value):
+        return server_value if request_value is None else request_value
+
+    return EffectiveParams(
+        ratio=ratio,
+        target_tokens=target,
+        method=pick(request.am_method, server.method),
+        queries=pick(request.am_queries, server.queries),
+        keep_first=pick(request.am_keep_first, server.keep_first),
+        keep_last=pick(request.am_keep_last, server.keep_last),
+        chunk_tokens=pick(request.am_chunk_tokens, server.chunk_tokens),
+        max_kv_tokens=pick(request.am_max_kv_tokens, server.max_kv_tokens),
+    )

@@ -1,0 +1,221 @@
+"""Scheduler side of the plugin (EngineCore process): decides, plans and books compactions.
+
+Per request: on the step that completes its prefill, plan a :class:`CompactionJob` (fresh destination
+blocks, never in place) and ship it on the ``SchedulerOutput``; when the step's output comes back, swap
+the request's blocks for the compacted ones and free the sources, or, if the worker failed, free the
+destinations and serve the request uncompacted. Requests without ``am_*`` keys (and no server default)
+are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_attnmatch import __version__
+from vllm_attnmatch.config import (
+    ConfigError,
+    EffectiveParams,
+    ServerConfig,
+    effective_params,
+    parse_request_params,
+    server_config_from,
+)
+from vllm_attnmatch.engine.jobs import (
+    RUNNER_OUTPUT_ATTR,
+    SCHEDULER_OUTPUT_ATTR,
+    CompactionJob,
+    CompactionResult,
+    StepPlan,
+    cdiv,
+    plan_layout,
+)
+from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionManager, register_kv_cache_spec
+from vllm_attnmatch.metrics import CompactionStats
+
+logger = init_logger("vllm.attnmatch.scheduler")
+
+
+@dataclass
+class RequestCompaction:
+    """Plugin state of one compacting request."""
+
+    params: EffectiveParams
+    # num_preemptions when the current compaction was applied (None: not compacted in this life).
+    compacted_in_life: int | None = None
+    pending: CompactionJob | None = None
+
+
+class AttnMatchScheduler(Scheduler):
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        register_kv_cache_spec()  # before super() builds the KV-cache coordinator
+        super().__init__(vllm_config, *args, **kwargs)
+        self.attnmatch: ServerConfig = server_config_from(vllm_config.additional_config) or ServerConfig()
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        self._am_managers = [m for m in managers if isinstance(m, AttnMatchFullAttentionManager)]
+        if len(self._am_managers) != 1 or len(managers) != 1:
+            raise RuntimeError(
+                "vllm-attnmatch supports models with one full-attention KV-cache group; got managers "
+                + ", ".join(type(m).__name__ for m in managers)
+            )
+        self._am_requests: dict[str, RequestCompaction] = {}
+        self._am_swaps: dict[str, tuple[int, ...]] = {}
+        self._am_pending_jobs: dict[str, tuple[CompactionJob, list]] = {}
+        engine_index = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
+        self.am_stats = CompactionStats(engine_index)
+        logger.info(
+            "vllm-attnmatch %s active (engine core): %s; block_size=%d",
+            __version__,
+            self.attnmatch.summary(),
+            self.block_size,
+        )
+
+    @property
+    def am_manager(self) -> AttnMatchFullAttentionManager:
+        return self._am_managers[0]
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def add_request(self, request) -> None:
+        params = self._params_for(request)
+        if params is not None and params.compacts_prefill:
+            self._am_requests[request.request_id] = RequestCompaction(params)
+            # Reference queries come from the prefill: every prompt token must be computed here.
+            request.skip_reading_prefix_cache = True
+        super().add_request(request)
+
+    def _params_for(self, request) -> EffectiveParams | None:
+        sampling = request.sampling_params
+        try:
+            request_params = parse_request_params(sampling.extra_args if sampling is not None else None)
+        except ConfigError as exc:  # the front end validates; reaching here means an offline caller
+            logger.warning("request %s: %s; served uncompacted", request.request_id, exc)
+            return None
+        return effective_params(self.attnmatch, request_params)
+
+    # -- planning ----------------------------------------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        plan = StepPlan(swaps=self._am_swaps)
+        self._am_swaps = {}
+        pool = self.kv_cache_manager.block_pool
+        for req_id, num_scheduled in output.num_scheduled_tokens.items():
+            state = self._am_requests.get(req_id)
+            if state is None:
+                continue
+            request = self.requests[req_id]
+            if state.compacted_in_life is not None and state.compacted_in_life != request.num_preemptions:
+                state.compacted_in_life = None  # preempted: the compaction died with its blocks
+            offset = self.am_manager.offsets.get(req_id)
+            if offset is not None:
+                plan.offsets[req_id] = offset
+            if state.compacted_in_life is not None or state.pending is not None:
+                continue
+            computed_before = request.num_computed_tokens - num_scheduled
+            if computed_before >= request.num_prompt_tokens:
+                continue
+            stride = max(1, math.ceil(request.num_prompt_tokens / self.attnmatch.max_query_tokens))
+            plan.capture_stride[req_id] = stride
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                continue  # a later chunk completes the prefill
+            job = self._plan_job(request, state.params, pool)
+            if job is not None:
+                state.pending = job
+                plan.jobs.append(job)
+        if not plan.is_empty:
+            setattr(output, SCHEDULER_OUTPUT_ATTR, plan)
+        return output
+
+    def _plan_job(self, request, params: EffectiveParams, pool) -> CompactionJob | None:
+        layout = plan_layout(
+            num_tokens=request.num_computed_tokens,
+            prompt_tokens=request.num_prompt_tokens,
+            keep_first=params.keep_first,
+            keep_last=params.keep_last,
+            ratio=params.ratio,
+            target_tokens=params.target_tokens,
+            min_span_tokens=self.attnmatch.min_prompt_tokens,
+        )
+        if layout is None:
+            self.am_stats.add("skipped")
+            return None
+        num_dst = cdiv(layout.physical_len, self.block_size)
+        if pool.get_num_free_blocks() < num_dst:
+            logger.info("request %s: no free blocks for compaction; served uncompacted", request.request_id)
+            self.am_stats.add("skipped")
+            return None
+        dst = pool.get_new_blocks(num_dst)
+        job = CompactionJob(
+            req_id=request.request_id,
+            layout=layout,
+            src_block_ids=tuple(self.kv_cache_manager.get_block_ids(request.request_id)[0]),
+            dst_block_ids=tuple(b.block_id for b in dst),
+            method=params.method,
+            queries=params.queries,
+            chunk_tokens=params.chunk_tokens,
+            options=dict(self.attnmatch.algorithm),
+        )
+        self._am_pending_jobs[request.request_id] = (job, dst)
+        return job
+
+    # -- booking -----------------------------------------------------------------------------------
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        plan: StepPlan | None = getattr(scheduler_output, SCHEDULER_OUTPUT_ATTR, None)
+        if plan is not None and plan.jobs:
+            results = {r.req_id: r for r in getattr(model_runner_output, RUNNER_OUTPUT_ATTR, None) or ()}
+            for job in plan.jobs:
+                self._book(job, results.get(job.req_id))
+        self.am_stats.flush()
+        return outputs
+
+    def _book(self, job: CompactionJob, result: CompactionResult | None) -> None:
+        _, dst = self._am_pending_jobs.pop(job.req_id)
+        state = self._am_requests.get(job.req_id)
+        request = self.requests.get(job.req_id)
+        if state is not None:
+            state.pending = None
+        alive = request is not None and not request.is_finished() and state is not None
+        if result is None or not result.ok or not alive:
+            self.kv_cache_manager.block_pool.free_blocks(dst)
+            if result is None or not result.ok:
+                self.am_stats.add("failures")
+                logger.warning(
+                    "request %s: compaction failed (%s); served uncompacted",
+                    job.req_id,
+                    result.error if result is not None else "no result from the worker",
+                )
+            return
+        old = self.am_manager.replace_blocks(job.req_id, dst, job.layout.offset)
+        state.compacted_in_life = request.num_preemptions
+        self._am_swaps[job.req_id] = job.dst_block_ids
+        stats = self.am_stats
+        stats.add("compactions")
+        stats.add("tokens_before", job.layout.num_tokens)
+        stats.add("tokens_after", job.layout.physical_len)
+        stats.add("compaction_seconds", result.seconds)
+        stats.add("blocks_freed", len(old) - len(dst))
+        if self.attnmatch.log_compactions:
+            logger.info(
+                "compacted request %s: T=%d -> t=%d (span %d -> %d, method %s), %.3f s, fit error %.4g, "
+                "blocks %d -> %d",
+                job.req_id,
+                job.layout.num_tokens,
+                job.layout.physical_len,
+                job.layout.span_tokens,
+                job.layout.target,
+                job.method,
+                result.seconds,
+                result.fit_error,
+                len(old),
+                len(dst),
+            )
+
+    def _free_request(self, request, *args, **kwargs):
+        self._am_requests.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)

