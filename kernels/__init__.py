@@ -1,10 +1,17 @@
 """Triton kernels for Attention Matching, with the torch references the CPU path runs.
 
-Each operation comes in three names:
-  ``<op>_triton``  the Triton launcher (CUDA; or CPU under ``TRITON_INTERPRET=1``, for tests only),
-  ``<op>_ref``     the plain torch reference (any device, fp32 maths),
-  ``<op>``         a dispatcher: Triton when :func:`triton_available` says so for the input's device, else torch.
-Operations: ``key_scores``, ``paged_attention_bias``, ``gather_paged_kv``, ``scatter_paged_kv``.
+Each operation comes as a Triton launcher ``<op>_triton`` (CUDA; or CPU under ``TRITON_INTERPRET=1``, for
+tests only), a plain torch reference ``<op>_ref`` (any device, fp32 maths) and a dispatcher that picks Triton
+when :func:`triton_available` says so for the input's device, else torch:
+
+  launcher / reference                                     dispatcher
+  key_scores_triton / key_scores_ref                       score_keys
+  paged_attention_bias_triton / paged_attention_bias_ref   paged_attention_with_bias
+  gather_paged_kv_triton / gather_paged_kv_ref             gather_paged_kv
+  scatter_paged_kv_triton / scatter_paged_kv_ref           scatter_paged_kv
+
+(The first two dispatchers are not called ``key_scores`` / ``paged_attention_bias``: those are the kernel
+submodules, and importing a submodule rebinds the package attribute of the same name.)
 
 This package must import without triton installed (launchers load lazily, on first use) and must never
 import vLLM: it is shared by the engine-free algorithms and by the vLLM glue.
@@ -34,10 +41,10 @@ __all__ = [
     "triton_available",
     "KeyScores",
     "GatheredKV",
-    "key_scores",
+    "score_keys",
     "key_scores_ref",
     "key_scores_triton",
-    "paged_attention_bias",
+    "paged_attention_with_bias",
     "paged_attention_bias_ref",
     "paged_attention_bias_triton",
     "gather_paged_kv",
@@ -97,7 +104,7 @@ def _use_triton(t: torch.Tensor, use_triton: Optional[bool]) -> bool:
     return triton_available(t.device) if use_triton is None else use_triton
 
 
-def key_scores(
+def score_keys(
     queries: torch.Tensor,
     keys: torch.Tensor,
     scale: float,
@@ -114,7 +121,7 @@ def key_scores(
     return key_scores_ref(queries, keys, scale, bias, query_positions, key_positions)
 
 
-def paged_attention_bias(
+def paged_attention_with_bias(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,

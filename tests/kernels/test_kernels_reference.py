@@ -13,9 +13,9 @@ import torch
 from vllm_attnmatch.kernels import (
     gather_paged_kv,
     gather_paged_kv_ref,
-    key_scores,
+    score_keys,
     key_scores_ref,
-    paged_attention_bias,
+    paged_attention_with_bias,
     paged_attention_bias_ref,
     scatter_paged_kv,
     scatter_paged_kv_ref,
@@ -162,13 +162,13 @@ def test_gather_and_scatter_refs_match_naive_loops(gen):
 def test_dispatchers_use_torch_on_cpu(gen):
     assert not triton_available("cpu")
     q, k = torch.randn(1, 3, 4, generator=gen), torch.randn(1, 5, 4, generator=gen)
-    for g, w in zip(key_scores(q, k, 0.5), key_scores_ref(q, k, 0.5)):
+    for g, w in zip(score_keys(q, k, 0.5), key_scores_ref(q, k, 0.5)):
         assert torch.equal(g, w)
     kc, vc = torch.randn(2, 4, 1, 4, generator=gen), torch.randn(2, 4, 1, 4, generator=gen)
     ids = torch.tensor([1, 0], dtype=torch.int32)
     got = gather_paged_kv(kc, vc, ids, 6)
     assert torch.equal(got.keys, gather_paged_kv_ref(kc, vc, ids, 6).keys)
-    out = paged_attention_bias(torch.randn(1, 1, 4, generator=gen), kc, vc, None, ids[None], torch.tensor([0, 1]),
+    out = paged_attention_with_bias(torch.randn(1, 1, 4, generator=gen), kc, vc, None, ids[None], torch.tensor([0, 1]),
                                torch.tensor([6]), 0.5)
     assert out.shape == (1, 1, 4)
     scatter_paged_kv(got.keys[:, :3], got.values[:, :3], None, kc, vc, None, ids[:1])
@@ -196,7 +196,7 @@ def test_import_without_triton_falls_back_to_torch():
         "import torch\n"
         "import vllm_attnmatch.kernels as k\n"
         "assert not k.HAS_TRITON and not k.triton_available('cuda')\n"
-        "q = torch.randn(1, 2, 4); s = k.key_scores(q, torch.randn(1, 3, 4), 0.5)\n"
+        "q = torch.randn(1, 2, 4); s = k.score_keys(q, torch.randn(1, 3, 4), 0.5)\n"
         "assert s.rms.shape == (1, 3)\n"
     )
     assert r.returncode == 0, r.stderr
