@@ -21,9 +21,10 @@ def dot_config(dtype: torch.dtype, allow_tf32: bool) -> dict:
     under the interpreter bf16 operands are upcast to fp32 — exact, and the same maths as the GPU path
     (bf16 products accumulated in fp32). On GPU bf16/fp16 go to the tensor cores untouched.
     """
+    upcast = interpreting() and dtype == torch.bfloat16
     return dict(
-        DOT_PRECISION="tf32" if (dtype == torch.float32 and allow_tf32) else "ieee",
-        DOT_UPCAST=interpreting() and dtype == torch.bfloat16,
+        DOT_PRECISION="tf32" if (dtype == torch.float32 and allow_tf32 and not upcast) else "ieee",
+        DOT_UPCAST=upcast,
     )
 
 
@@ -31,6 +32,6 @@ def dot_config(dtype: torch.dtype, allow_tf32: bool) -> dict:
 def dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``a @ b`` with fp32 accumulation."""
     if DOT_UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
