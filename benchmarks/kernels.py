@@ -141,10 +141,12 @@ def main(argv=None) -> int:
             query = randn(B, H * G, d)
             cu = torch.arange(B + 1, device=device, dtype=torch.int32)
             lens = torch.full((B,), T, device=device, dtype=torch.int32)
-            run_case("paged_decode", T, dict(batch=B),
-                     lambda: K.paged_attention_bias_triton(query, kc, vc, bias, table, cu, lens, scale, max_seqlen_q=1),
-                     lambda: K.paged_attention_bias_ref(query, kc, vc, bias, table, cu, lens, scale),
-                     maxdiff)
+            for splits in (1, None):  # one program per (sequence, KV head) vs the automatic split-KV factor
+                run_case("paged_decode", T, dict(batch=B, splits=splits or "auto"),
+                         lambda: K.paged_attention_bias_triton(query, kc, vc, bias, table, cu, lens, scale,
+                                                               max_seqlen_q=1, max_seqlen_k=T, num_splits=splits),
+                         lambda: K.paged_attention_bias_ref(query, kc, vc, bias, table, cu, lens, scale),
+                         maxdiff)
             del kc, vc, bias, table
         if "paged_prefill" in selected:
             c = min(args.chunk, T)

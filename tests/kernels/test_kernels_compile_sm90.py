@@ -56,10 +56,15 @@ def compile_all():
         pa_types = {"out_ptr": PTR[dt], "q_ptr": PTR[dt], "k_cache_ptr": PTR[dt], "v_cache_ptr": PTR[dt],
                     "bias_ptr": "*fp32", "block_table_ptr": "*i32", "cu_seqlens_q_ptr": "*i32",
                     "seq_lens_ptr": "*i32", "scale": "fp32"}
-        for block_m in (16, 64):  # decode and prefill tile shapes, G = 4
-            jobs.append((f"paged_attention_bias BLOCK_M={block_m}", pa._paged_attention_bias_kernel, pa_types,
+        pa_types.update(part_acc_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32")
+        for block_m, splits in ((16, 8), (64, 1)):  # split-KV decode and prefill tile shapes, G = 4
+            jobs.append((f"paged_attention_bias BLOCK_M={block_m} NUM_SPLITS={splits}",
+                         pa._paged_attention_bias_kernel, pa_types,
                          dict(NUM_QUERIES_PER_KV=4, BLOCK_SIZE=16, BLOCK_Q=block_m // 4, BLOCK_M=block_m, TILE=32,
-                              BLOCK_D=128, HAS_BIAS=True, **dot)))
+                              BLOCK_D=128, HAS_BIAS=True, NUM_SPLITS=splits, **dot)))
+        jobs.append(("paged_attention_bias/_merge_splits_kernel", pa._merge_splits_kernel,
+                     dict(out_ptr=PTR[dt], part_acc_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32"),
+                     dict(NUM_SPLITS=8, BLOCK_S=8, BLOCK_D=128)))
         gs_types = {"k_cache_ptr": PTR[dt], "v_cache_ptr": PTR[dt], "bias_cache_ptr": "*fp32", "block_ids_ptr": "*i32",
                     "k_out_ptr": PTR[dt], "v_out_ptr": PTR[dt], "bias_out_ptr": "*fp32",
                     "k_ptr": "*fp32", "v_ptr": "*fp32", "beta_ptr": "*fp32"}
@@ -81,7 +86,7 @@ def test_kernels_compile_for_sm90():
     if r.returncode == SKIP_RC:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count(": ok") == 12, r.stdout
+    assert r.stdout.count(": ok") == 14, r.stdout
 
 
 if __name__ == "__main__":

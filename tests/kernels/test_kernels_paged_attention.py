@@ -133,3 +133,24 @@ def test_input_checks(gen):
         paged_attention_bias_triton(batch[0][:, :3], *batch[1:], 0.1)  # H_q not a multiple of H_kv
     with pytest.raises(ValueError):
         paged_attention_bias_triton(*batch[:3], batch[3][..., :1], *batch[4:], 0.1)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_split_kv_matches_reference(num_splits, gen):
+    # decode batch with long and very short sequences (some splits get no tile at all), plus a prefill chunk
+    seq_lens = [70, 1, 3, 45]
+    q_lens = [1, 1, 1, 6]
+    batch = make_batch(gen, seq_lens, q_lens, H_kv=2, group=3, d=16, block_size=8)
+    got, want = run_both(batch, tile=16, num_splits=num_splits)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_split_kv_rows_without_finite_logit_and_bf16(gen):
+    batch = list(make_batch(gen, [40, 9], [1, 1], H_kv=2, group=2, d=16, block_size=8, dtype=torch.bfloat16))
+    bias_cache, table = batch[3], batch[4]
+    for b in table[1, :2].tolist():  # sequence 1, KV head 0: nothing visible
+        bias_cache[b, :, 0] = NEG_INF
+    got, want = run_both(batch, tile=16, num_splits=3)
+    assert not torch.isnan(got).any() and got[1, :2].eq(0).all()
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
