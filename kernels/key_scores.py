@@ -207,7 +207,7 @@ def key_scores_triton(
 
     block_d = max(16, triton.next_power_of_2(d))
     common = dict(HAS_BIAS=bias is not None, CAUSAL=causal, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
-                  **dot_config(queries.dtype, allow_tf32))
+                  **dot_config(queries.dtype, allow_tf32, _query_lse_kernel))
     _query_lse_kernel[(H, triton.cdiv(n, block_n))](
         queries, keys, bias_arg, qpos, kpos, lse,
         n, T, d, float(scale),

@@ -293,7 +293,7 @@ def paged_attention_bias_triton(
         BLOCK_D=block_d,
         HAS_BIAS=bias_cache is not None,
         NUM_SPLITS=num_splits,
-        **dot_config(query.dtype, allow_tf32),
+        **dot_config(query.dtype, allow_tf32, _paged_attention_bias_kernel),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, H_q)](

@@ -1,17 +1,33 @@
-"""Kernel tests run on CPU through Triton's interpreter: TRITON_INTERPRET must be set before any kernel is
-decorated, so it is set here, at import time, and kernel modules imported earlier are reloaded."""
+"""Kernel tests run on CPU through Triton's interpreter.
+
+Triton picks interpreter or compiler when a kernel is decorated (``@triton.jit`` reads TRITON_INTERPRET then),
+so TRITON_INTERPRET=1 is set here at import time, before any kernel module of this package is imported, and
+the kernel modules are imported (or re-imported, if something loaded them earlier without the interpreter)
+right away. The previous value is then restored, so the variable does not leak into other test directories
+or the subprocesses they start (e.g. vLLM servers); the kernel tests re-set it while they run.
+"""
 
 import importlib
 import importlib.util
 import os
 import sys
 
+_PREVIOUS_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
-for _name in ("_triton_common", "key_scores", "paged_attention_bias", "paged_gather_scatter"):
-    _mod = sys.modules.get(f"vllm_attnmatch.kernels.{_name}")
-    if _mod is not None:  # decorated without the interpreter by an earlier import: redo it
-        importlib.reload(_mod)
+if importlib.util.find_spec("triton") is not None:
+    # _triton_common first: the kernels import its jitted `dot` helper.
+    for _name in ("_triton_common", "key_scores", "paged_attention_bias", "paged_gather_scatter"):
+        _full = f"vllm_attnmatch.kernels.{_name}"
+        if _full in sys.modules:
+            importlib.reload(sys.modules[_full])
+        else:
+            importlib.import_module(_full)
+
+if _PREVIOUS_TRITON_INTERPRET is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS_TRITON_INTERPRET
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -54,3 +70,8 @@ def paged():
     """The :func:`build_paged` helper (fixtures avoid importing conftest by module name)."""
     return build_paged
 
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpret_env(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

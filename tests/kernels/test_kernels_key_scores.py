@@ -70,3 +70,11 @@ def test_key_scores_input_checks(gen):
         key_scores_triton(q, torch.randn(2, 5, 8), 1.0, query_positions=torch.arange(4))
     with pytest.raises(ValueError):
         key_scores_triton(q, torch.randn(2, 5, 8), 1.0, block_t=24)
+
+
+def test_kernels_run_in_the_interpreter():
+    # conftest decorated the kernels under TRITON_INTERPRET=1; a compiled kernel could not run on CPU tensors
+    from vllm_attnmatch.kernels import key_scores as ks
+    from vllm_attnmatch.kernels._triton_common import interpreting
+
+    assert interpreting(ks._query_lse_kernel) and interpreting(ks._key_stats_kernel)
