@@ -32,12 +32,18 @@ COUNTERS: dict[str, str] = {
     "prefill_tokens_saved": "Prompt tokens not prefilled thanks to compacted-prefix hits",
 }
 
+#: gauge name -> help text (exported as ``vllm_attnmatch_<name>``; summed over engines)
+GAUGES: dict[str, str] = {
+    "kv_free_blocks": "KV blocks free in the pool (including evictable prefix-cache blocks)",
+    "kv_total_blocks": "KV blocks in the pool",
+}
+
 
 class CompactionStats:
     """Monotonic counters of one engine; ``flush`` publishes them for the front end's collector."""
 
     def __init__(self, engine_index: int = 0, stats_dir: str | None = None) -> None:
-        self.values: dict[str, float] = {name: 0.0 for name in COUNTERS}
+        self.values: dict[str, float] = {name: 0.0 for name in (*COUNTERS, *GAUGES)}
         directory = stats_dir if stats_dir is not None else os.environ.get(STATS_DIR_ENV)
         self._path = Path(directory) / f"engine-{engine_index}-{os.getpid()}.json" if directory else None
         self._dirty = False
@@ -45,6 +51,11 @@ class CompactionStats:
     def add(self, name: str, amount: float = 1.0) -> None:
         self.values[name] += amount
         self._dirty = True
+
+    def set(self, name: str, value: float) -> None:
+        if self.values[name] != value:
+            self.values[name] = value
+            self._dirty = True
 
     def flush(self) -> None:
         if not self._dirty or self._path is None:
@@ -60,13 +71,13 @@ class CompactionStats:
 
 def read_totals(stats_dir: str | Path) -> dict[str, float]:
     """Sum the counters of every engine that wrote into ``stats_dir``."""
-    totals = {name: 0.0 for name in COUNTERS}
+    totals = {name: 0.0 for name in (*COUNTERS, *GAUGES)}
     for path in Path(stats_dir).glob("engine-*.json"):
         try:
             values = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        for name in COUNTERS:
+        for name in totals:
             totals[name] += float(values.get(name, 0.0))
     return totals
 
@@ -76,13 +87,15 @@ class _StatsFileCollector:
         self.stats_dir = stats_dir
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         totals = read_totals(self.stats_dir)
         for name, help_text in COUNTERS.items():
             family = CounterMetricFamily(PREFIX + name, help_text)
             family.add_metric([], totals[name])
             yield family
+        for name, help_text in GAUGES.items():
+            yield GaugeMetricFamily(PREFIX + name, help_text, value=totals[name])
 
 
 _install_lock = threading.Lock()

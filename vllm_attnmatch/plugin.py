@@ -19,6 +19,7 @@ from vllm.logger import init_logger
 
 from vllm_attnmatch import __version__
 from vllm_attnmatch.config import CONFIG_KEY, ConfigError, ServerConfig, server_config_from
+from vllm_attnmatch.metrics import install_collector
 
 logger = init_logger("vllm.attnmatch")
 
@@ -26,7 +27,7 @@ SUPPORTED_VLLM = "0.32."
 SCHEDULER_CLS = "vllm_attnmatch.engine.scheduler.AttnMatchScheduler"
 CPU_WORKER_CLS = "vllm_attnmatch.worker.cpu_worker.AttnMatchCPUWorker"
 GPU_WORKER_CLS = "vllm_attnmatch.worker.gpu_worker.AttnMatchGPUWorker"
-VALIDATOR_CLS = "vllm_attnmatch.validation.AttnMatchParamsValidator"
+VALIDATOR_CLS = "vllm_attnmatch.validation:AttnMatchParamsValidator"
 _HOOK_MARKER = "_attnmatch_hooked"
 
 
@@ -114,6 +115,7 @@ def configure_engine_args(args: Any) -> ServerConfig:
     # physical-slot bookkeeping lives in the V1 model runner.
     args.async_scheduling = False
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    install_collector()  # /metrics of this (front-end) process shows EngineCore's counters
     logger.info(
         "vllm-attnmatch %s enabled (api server, pid %d): %s; async scheduling off, V1 model runner",
         __version__,

@@ -171,6 +171,9 @@ class AttnMatchScheduler(Scheduler):
             results = {r.req_id: r for r in getattr(model_runner_output, RUNNER_OUTPUT_ATTR, None) or ()}
             for job in plan.jobs:
                 self._book(job, results.get(job.req_id))
+        pool = self.kv_cache_manager.block_pool
+        self.am_stats.set("kv_free_blocks", pool.get_num_free_blocks())
+        self.am_stats.set("kv_total_blocks", pool.num_gpu_blocks - 1)  # minus the null block
         self.am_stats.flush()
         return outputs
 

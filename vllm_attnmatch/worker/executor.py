@@ -8,12 +8,16 @@ the scheduler then frees the destination blocks and serves the request uncompact
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Protocol
 
 import torch
 
 from vllm_attnmatch.engine.jobs import CompactionJob, CompactionResult
+
+#: Debugging and parity tests: when set, every compacted layout is saved as <dir>/<req_id>.pt.
+DUMP_DIR_ENV = "VLLM_ATTNMATCH_DUMP_DIR"
 
 
 class PagedKV(Protocol):
@@ -92,6 +96,8 @@ def run_job(
     started = time.perf_counter()
     layout = job.layout
     errors: list[float] = []
+    dump_dir = os.environ.get(DUMP_DIR_ENV)
+    dump: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for layer in kv.layer_names():
             keys, values = kv.gather(layer, job.src_block_ids, layout.num_tokens)
@@ -100,6 +106,10 @@ def run_job(
             )
             kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
             errors.append(fit_error)
+            if dump_dir:
+                dump[layer] = {"keys": new_keys.cpu(), "values": new_values.cpu(), "beta": beta.cpu()}
+        if dump_dir:
+            torch.save({"layout": layout, "layers": dump}, os.path.join(dump_dir, f"{job.req_id}.pt"))
     except Exception as exc:  # noqa: BLE001 - any failure serves the request uncompacted
         return CompactionResult(
             req_id=job.req_id,
