@@ -1,10 +1,14 @@
 """Kernel tests run on CPU through Triton's interpreter.
 
-Triton picks interpreter or compiler when a kernel is decorated (``@triton.jit`` reads TRITON_INTERPRET then),
-so TRITON_INTERPRET=1 is set here at import time, before any kernel module of this package is imported, and
-the kernel modules are imported (or re-imported, if something loaded them earlier without the interpreter)
-right away. The previous value is then restored, so the variable does not leak into other test directories
-or the subprocesses they start (e.g. vLLM servers); the kernel tests re-set it while they run.
+Triton picks interpreter or compiler when it is imported and when a kernel is decorated (``triton.language``'s
+own helpers such as ``tl.sum`` are jitted at triton import), so TRITON_INTERPRET=1 is set here at import
+time, before this package's kernel modules are imported, and they are imported (or re-imported) right away.
+The previous value is then restored, so the variable does not leak into other test directories or the
+subprocesses they start (e.g. vLLM servers); the kernel tests re-set it while they run.
+
+If triton was already imported without the interpreter (another test directory imported vLLM first, which
+imports triton), the interpreter cannot work in this process: the tests marked ``triton_interpreter`` are then
+skipped here and ``test_interpreter_suite_in_a_clean_process`` runs them in a fresh interpreter instead.
 """
 
 import importlib
@@ -15,7 +19,18 @@ import sys
 _PREVIOUS_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
-if importlib.util.find_spec("triton") is not None:
+
+def _interpreter_usable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.zeros, InterpretedFunction)  # False if triton was imported uninterpreted
+
+
+INTERPRETER_USABLE = _interpreter_usable()
+if INTERPRETER_USABLE:
     # _triton_common first: the kernels import its jitted `dot` helper.
     for _name in ("_triton_common", "key_scores", "paged_attention_bias", "paged_gather_scatter"):
         _full = f"vllm_attnmatch.kernels.{_name}"
@@ -75,3 +90,23 @@ def paged():
 @pytest.fixture(autouse=True)
 def _triton_interpret_env(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_interpreter: runs Triton kernels on CPU under TRITON_INTERPRET=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if INTERPRETER_USABLE or importlib.util.find_spec("triton") is None:
+        return
+    skip = pytest.mark.skip(reason="triton was imported before TRITON_INTERPRET was set; "
+                                   "run in a clean process by test_interpreter_suite_in_a_clean_process")
+    for item in items:
+        if item.get_closest_marker("triton_interpreter"):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def interpreter_usable():
+    """Whether the interpreter tests can run in this process (see module docstring)."""
+    return INTERPRETER_USABLE

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton_interpreter
 
 from vllm_attnmatch.kernels import score_keys, key_scores_ref, key_scores_triton  # noqa: E402
 

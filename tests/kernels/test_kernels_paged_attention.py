@@ -4,6 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton_interpreter
 
 from vllm_attnmatch.kernels import (  # noqa: E402
     paged_attention_with_bias,
