@@ -113,11 +113,14 @@ def score_keys(
     key_positions: Optional[torch.Tensor] = None,
     *,
     use_triton: Optional[bool] = None,
+    **triton_options: Any,
 ) -> KeyScores:
     """Per-key max / mean / rms attention and per-query lse; Triton on CUDA, torch elsewhere (see
-    :func:`key_scores_ref` for shapes). ``use_triton`` forces a path."""
+    :func:`key_scores_ref` for shapes). ``use_triton`` forces a path; ``triton_options`` (tile sizes,
+    ``allow_tf32``) go to :func:`key_scores_triton` and are ignored by the torch path."""
     if _use_triton(queries, use_triton):
-        return __getattr__("key_scores_triton")(queries, keys, scale, bias, query_positions, key_positions)
+        return __getattr__("key_scores_triton")(queries, keys, scale, bias, query_positions, key_positions,
+                                                **triton_options)
     return key_scores_ref(queries, keys, scale, bias, query_positions, key_positions)
 
 
@@ -133,12 +136,16 @@ def paged_attention_with_bias(
     out: Optional[torch.Tensor] = None,
     *,
     use_triton: Optional[bool] = None,
+    **triton_options: Any,
 ) -> torch.Tensor:
     """Causal paged attention with a per-slot bias; Triton on CUDA, torch elsewhere (see
-    :func:`paged_attention_bias_ref` for the layout). ``use_triton`` forces a path."""
+    :func:`paged_attention_bias_ref` for the layout). ``use_triton`` forces a path; ``triton_options``
+    (``max_seqlen_q``, ``max_seqlen_k``, ``num_splits``, ``block_m``, ``tile``, ``allow_tf32``) go to
+    :func:`paged_attention_bias_triton` and are ignored by the torch path."""
     if _use_triton(query, use_triton):
         return __getattr__("paged_attention_bias_triton")(
-            query, key_cache, value_cache, bias_cache, block_table, cu_seqlens_q, seq_lens, scale, out
+            query, key_cache, value_cache, bias_cache, block_table, cu_seqlens_q, seq_lens, scale, out,
+            **triton_options,
         )
     return paged_attention_bias_ref(query, key_cache, value_cache, bias_cache, block_table, cu_seqlens_q, seq_lens,
                                     scale, out)

@@ -121,7 +121,8 @@ def test_zero_bias_equals_no_bias_and_dispatch(gen):
     batch[3] = torch.zeros(batch[1].shape[:3])
     torch.testing.assert_close(paged_attention_bias_triton(*batch, 0.3), no_bias, rtol=1e-6, atol=1e-6)
     out = torch.empty_like(batch[0])
-    res = paged_attention_with_bias(*batch, 0.3, out, use_triton=True)
+    batch[4:7] = [x.long() for x in batch[4:7]]  # int64 block table / cu_seqlens_q / seq_lens work too
+    res = paged_attention_with_bias(*batch, 0.3, out, use_triton=True, max_seqlen_q=3, num_splits=2)
     assert res is out
     torch.testing.assert_close(out, no_bias, rtol=1e-6, atol=1e-6)
 
