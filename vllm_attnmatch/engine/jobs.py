@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_attnmatch.algorithms.budgets import budget
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -48,15 +50,6 @@ class CompactionLayout:
     @property
     def offset(self) -> int:
         return self.num_tokens - self.physical_len
-
-
-def budget(span_tokens: int, ratio: float | None, target_tokens: int | None) -> int:
-    """Entries kept for a span: ``max(1, int(ratio*T))`` or ``min(target_tokens, T)``."""
-    if target_tokens is not None:
-        return max(1, min(int(target_tokens), span_tokens))
-    if ratio is None:
-        raise ValueError("a budget needs a ratio or target_tokens")
-    return max(1, min(span_tokens, int(ratio * span_tokens)))
 
 
 def plan_layout(

@@ -55,7 +55,7 @@ def compact_layer(
     scale: float,
 ):
     """Compact one layer's span; return the full new layout (keys, values, β) and the fit error."""
-    from vllm_attnmatch.algorithms import compact
+    from vllm_attnmatch.algorithms import compact, compact_chunked
 
     layout = job.layout
     first, end = layout.keep_first, layout.span_end
@@ -73,8 +73,9 @@ def compact_layer(
     else:
         pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
     if job.chunk_tokens:
-        kwargs["chunk_tokens"] = job.chunk_tokens
-    result = compact(span_k, span_v, pooled, layout.target, method=job.method, **kwargs)
+        result = compact_chunked(span_k, span_v, pooled, layout.target, job.chunk_tokens, job.method, **kwargs)
+    else:
+        result = compact(span_k, span_v, pooled, layout.target, method=job.method, **kwargs)
     for name in ("keys", "values", "beta"):
         if not torch.isfinite(getattr(result, name)).all():
             raise NonFiniteCompaction(f"non-finite {name} in the compacted cache")
