@@ -169,7 +169,8 @@ def main(argv=None) -> int:
                          lambda a, b: max(maxdiff(x, y) for x, y in zip(a, b)))
             if "scatter" in selected:
                 t = max(1, int(args.ratio * T))
-                keys, values, beta = randn(H, t, d, dt=torch.float32), randn(H, t, d, dt=torch.float32), randn(H, t, dt=torch.float32)
+                keys, values = randn(H, t, d, dt=torch.float32), randn(H, t, d, dt=torch.float32)
+                beta = randn(H, t, dt=torch.float32)
                 dst = ids[: triton.cdiv(t, bs)]
                 caches_t = (kc.clone(), vc.clone(), bias.clone())
                 caches_r = (kc.clone(), vc.clone(), bias.clone())

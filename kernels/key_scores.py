@@ -168,12 +168,16 @@ def key_scores_triton(
     products for fp32 inputs (faster on GPU, ~1e-3 relative error in the logits).
     """
     if queries.dim() != 3 or keys.dim() != 3:
-        raise ValueError(f"queries (H, n, d) and keys (H, T, d) expected, got {tuple(queries.shape)}, {tuple(keys.shape)}")
+        raise ValueError(
+            f"queries (H, n, d) and keys (H, T, d) expected, got {tuple(queries.shape)}, {tuple(keys.shape)}"
+        )
     H, n, d = queries.shape
     if keys.shape[0] != H or keys.shape[2] != d:
         raise ValueError(f"keys must be ({H}, T, {d}), got {tuple(keys.shape)}")
     if queries.dtype != keys.dtype or queries.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"queries and keys must share a float dtype (fp32/fp16/bf16), got {queries.dtype}, {keys.dtype}")
+        raise TypeError(
+            f"queries and keys must share a float dtype (fp32/fp16/bf16), got {queries.dtype}, {keys.dtype}"
+        )
     if queries.device != keys.device:
         raise ValueError("queries and keys must be on the same device")
     T = keys.shape[1]

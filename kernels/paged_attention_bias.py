@@ -237,7 +237,8 @@ def paged_attention_bias_triton(
                          f"{tuple(cu_seqlens_q.shape)}, {tuple(seq_lens.shape)}")
     if bias_cache is not None and bias_cache.shape != (num_blocks, block_size, H_kv):
         raise ValueError(f"bias_cache must be [{num_blocks}, {block_size}, {H_kv}], got {tuple(bias_cache.shape)}")
-    tensors = [key_cache, value_cache, block_table, cu_seqlens_q, seq_lens] + ([bias_cache] if bias_cache is not None else [])
+    tensors = [key_cache, value_cache, block_table, cu_seqlens_q, seq_lens]
+    tensors += [bias_cache] if bias_cache is not None else []
     if any(t.device != query.device for t in tensors):
         raise ValueError("all tensors must be on the device of query")
     if out is None:

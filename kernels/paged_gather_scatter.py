@@ -192,7 +192,9 @@ def scatter_paged_kv_triton(
         raise ValueError("keys, values, beta must be on the device of the caches")
     capacity = block_ids.numel() * block_size
     if start_slot < 0 or start_slot + t > capacity:
-        raise ValueError(f"slots [{start_slot}, {start_slot + t}) do not fit in {block_ids.numel()} blocks of {block_size}")
+        raise ValueError(
+            f"slots [{start_slot}, {start_slot + t}) do not fit in {block_ids.numel()} blocks of {block_size}"
+        )
     end_slot = capacity if pad_tail else start_slot + t
     n_slots = end_slot - start_slot
     if n_slots == 0 or H_kv == 0:

@@ -77,7 +77,9 @@ def key_scores_ref(
     a key), causal when positions are given: query q sees key i iff ``key_positions[i] <= query_positions[q]``.
     """
     if queries.dim() != 3 or keys.dim() != 3 or queries.shape[0] != keys.shape[0] or queries.shape[2] != keys.shape[2]:
-        raise ValueError(f"queries (H, n, d) and keys (H, T, d) expected, got {tuple(queries.shape)}, {tuple(keys.shape)}")
+        raise ValueError(
+            f"queries (H, n, d) and keys (H, T, d) expected, got {tuple(queries.shape)}, {tuple(keys.shape)}"
+        )
     H, n, _ = queries.shape
     T = keys.shape[1]
     causal = _check_causal(query_positions, key_positions, n, T)

@@ -87,7 +87,8 @@ def naive_paged_attention(q_seqs, k_seqs, v_seqs, b_seqs, scale, group):
                 logits = []
                 for i in range(L - q_len + j + 1):
                     bb = float(b[i, kv_h]) if b is not None else 0.0
-                    logits.append(NEG_INF if bb == NEG_INF else float(q[j, h].double() @ k[i, kv_h].double()) * scale + bb)
+                    dot = float(q[j, h].double() @ k[i, kv_h].double())
+                    logits.append(NEG_INF if bb == NEG_INF else dot * scale + bb)
                 m = max(logits)
                 if m == NEG_INF:
                     continue
