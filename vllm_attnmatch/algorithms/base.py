@@ -104,7 +104,8 @@ class CompactionResult:
         return int(self.keys.shape[1])
 
 
-_GENERAL = {"bias", "query_positions", "key_positions", "scale", "max_queries", "seed", "causal", "evaluate"}
+_GENERAL = {"bias", "query_positions", "key_positions", "scale", "max_queries", "seed", "causal", "evaluate",
+            "query_gap"}
 
 
 def _split_options(method_cls: type, options: dict):
@@ -178,7 +179,9 @@ def compact(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, tar
     qpos, kpos = g_opts.get("query_positions"), g_opts.get("key_positions")
     q, qpos = _subsample(queries, qpos, g_opts.get("max_queries", 4096), gen)
     causal = g_opts.get("causal", True)
-    vis = visibility(qpos.to(device), kpos.to(device)) if causal and qpos is not None and kpos is not None else None
+    gap = int(g_opts.get("query_gap", 0))
+    vis = (visibility(qpos.to(device), kpos.to(device), gap)
+           if causal and qpos is not None and kpos is not None else None)
     inp = CompactionInputs(keys.float(), values.float(), q.float(), target, float(scale),
                            bias.float() if bias is not None else None, vis, qpos, kpos, gen)
     meth = cls(**m_opts)
@@ -190,8 +193,17 @@ def compact(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, tar
         cfg = FitConfig(**f_opts)
         if not meth.fits:
             cfg = dataclasses.replace(cfg, fit_beta=False, fit_values=False, gate=False)
-        held = heldout_split(q.shape[1], cfg.heldout_fraction, gen, device)
-        fr: FitResult = fit_block(inp.targets, inp.values, idx, inp.bias, cfg, held)
+        used = None
+        if cfg.fit_from > 0 and qpos is not None:
+            pf = qpos.float()
+            used = (pf >= torch.quantile(pf, cfg.fit_from)).to(device)
+        held = heldout_split(q.shape[1], cfg.heldout_fraction, gen, device,
+                             qpos[used.cpu()] if used is not None else qpos, cfg.heldout)
+        if used is not None:
+            full_held = torch.zeros(q.shape[1], dtype=torch.bool, device=device)
+            full_held[used] = held
+            held = full_held
+        fr: FitResult = fit_block(inp.targets, inp.values, idx, inp.bias, cfg, held, used)
         beta, C2 = fr.beta, fr.values
         res = CompactionResult(C1.to(keys.dtype), beta, C2.to(values.dtype), idx, method=method,
                                fit_error=float(fr.heldout_output_error.mean()),

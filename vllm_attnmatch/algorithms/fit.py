@@ -34,6 +34,10 @@ class FitConfig:
     gate : per head, keep the fitted β/values only if they beat the plain kept entries on held-out queries.
     value_clip : |C2| ≤ value_clip · max|V| of the head (a last guard; bf16-safe).
     mass_weight : weight of the held-out log-mass error next to the relative output error in the gate.
+    heldout : ``latest`` holds out the queries at the latest positions (they resemble what follows the
+        context best), ``random`` a random subset; ``latest`` needs query positions, else random.
+    fit_from : fit and gate only with queries whose position is at or after this quantile of positions
+        (0 = all); early context queries see few keys and describe attention that later tokens never do.
     """
 
     fit_beta: bool = True
@@ -46,6 +50,8 @@ class FitConfig:
     value_clip: float = 4.0
     mass_weight: float = 1.0
     nnls_iters: int = 200
+    heldout: str = "latest"
+    fit_from: float = 0.0
 
 
 @dataclass
@@ -60,13 +66,23 @@ class FitResult:
     info: dict = field(default_factory=dict)
 
 
-def heldout_split(n: int, fraction: float, generator: torch.Generator | None, device) -> torch.Tensor:
+def heldout_split(n: int, fraction: float, generator: torch.Generator | None, device,
+                  positions: torch.Tensor | None = None, mode: str = "latest") -> torch.Tensor:
     """``(n,)`` bool, True = held out. With very few queries everything is used for both."""
     held = torch.zeros(n, dtype=torch.bool)
     k = int(round(n * fraction))
     if n >= 8 and k >= 1:
-        perm = torch.randperm(n, generator=generator)
-        held[perm[:k]] = True
+        if mode == "latest" and positions is not None:
+            pos = positions.float().cpu()
+            held = pos >= torch.quantile(pos, 1.0 - fraction)
+            if held.all() or not held.any():
+                held = torch.zeros(n, dtype=torch.bool)
+                held[torch.argsort(pos, descending=True, stable=True)[:k]] = True
+        elif mode in ("latest", "random"):
+            perm = torch.randperm(n, generator=generator)
+            held[perm[:k]] = True
+        else:
+            raise ValueError(f"heldout must be 'latest' or 'random', got {mode!r}")
     return held.to(device)
 
 
@@ -86,14 +102,14 @@ def _mass_error(A: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.T
 
 
 def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, cfg: FitConfig,
-              heldout: torch.Tensor) -> FitResult:
+              heldout: torch.Tensor, used: torch.Tensor | None = None) -> FitResult:
     """β and values for kept keys ``idx (H,t)`` given full-block ``targets`` (see :mod:`.targets`)."""
     H, n, T = targets.logits.shape
     t = idx.shape[1]
     s_k = torch.gather(targets.logits, 2, idx.unsqueeze(1).expand(H, n, t))  # includes old bias
     bias_k = torch.gather(bias.float(), 1, idx) if bias is not None else torch.zeros(H, t, device=idx.device)
     V0 = torch.gather(values.float(), 1, idx.unsqueeze(-1).expand(H, t, values.shape[-1]))
-    valid = targets.valid
+    valid = targets.valid if used is None else targets.valid & used.unsqueeze(0)
     train = valid & ~heldout.unsqueeze(0)
     held = valid & heldout.unsqueeze(0)
     if not heldout.any():

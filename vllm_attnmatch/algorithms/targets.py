@@ -20,11 +20,17 @@ import torch
 NEG_INF = float("-inf")
 
 
-def visibility(query_positions: torch.Tensor | None, key_positions: torch.Tensor | None) -> torch.Tensor | None:
-    """``(n, T)`` bool: query may see key (position ≤ own), or ``None`` when either side is unknown."""
+def visibility(query_positions: torch.Tensor | None, key_positions: torch.Tensor | None,
+               gap: int = 0) -> torch.Tensor | None:
+    """``(n, T)`` bool: query may see key (position ≤ own − ``gap``), or ``None`` when a side is unknown.
+
+    ``gap > 0`` ("distant-causal" targets): a context query also ignores its ``gap`` nearest keys. Tokens that
+    come after the block serve their local attention from their own new neighbours and look at the block from
+    a distance; context queries only resemble them once their local window is removed.
+    """
     if query_positions is None or key_positions is None:
         return None
-    return key_positions.reshape(1, -1) <= query_positions.reshape(-1, 1)
+    return key_positions.reshape(1, -1) <= query_positions.reshape(-1, 1) - gap
 
 
 def logits(queries: torch.Tensor, keys: torch.Tensor, scale: float, bias: torch.Tensor | None = None,

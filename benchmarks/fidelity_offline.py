@@ -1,0 +1,243 @@
+"""Offline fidelity of KV compaction on the bundled model: every method × ratio × text × query source.
+
+What it measures (no vLLM; an independent pure-torch forward, ``vllm_attnmatch.algorithms.reference_llama``):
+a real text is split into a document D (``--doc-tokens``) and a continuation C (``--cont-tokens``). D is
+prefilled, every layer's cache is compacted, then C is teacher-forced over the compacted cache at logical
+positions. Reported against the full cache: mean per-token KL(p_full ‖ p_compacted), ΔNLL (% of full NLL),
+teacher-forced top-1 agreement, attention-level errors on the continuation's own queries (truly held out:
+relative output error and RMS log-mass error of each compacted block, mean over layers and KV heads), and
+the seconds to compact all layers. Query sources: ``context`` (D's own prefill queries, causal targets) and
+``repeat`` (repeat-prefill: D + "Repeat the previous context verbatim." + D, queries of the second copy).
+
+Writes ``benchmarks/results/<prefix>.json``, ``.md`` and ``.png`` stamped with machine, versions and command.
+
+    python benchmarks/fidelity_offline.py                       # the full grid (~15 min on 2 cores)
+    python benchmarks/fidelity_offline.py --ratios 0.1 --methods highest_attention h2o --texts GPL-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vllm_attnmatch.algorithms import BASELINES, METHODS, budget, compact, group_queries
+from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
+from vllm_attnmatch.algorithms.targets import compute_targets
+
+LICENSES = Path("/usr/share/common-licenses")
+RESULTS = Path(__file__).resolve().parent / "results"
+REPEAT_PROMPT = "\n<|im_start|>user\nRepeat the previous context verbatim.<|im_end|>\n<|im_start|>assistant\n"
+QUERY_FREE = ("streaming", "truncate", "random")  # same result whatever the query source
+
+
+class Workload:
+    """One text: tokens, full-cache reference, reference queries per source."""
+
+    def __init__(self, model: ReferenceLlama, tokenizer, name: str, doc_tokens: int, cont_tokens: int,
+                 sources: tuple[str, ...]):
+        path = Path(name) if os.path.sep in name else LICENSES / name
+        ids = tokenizer(path.read_text())["input_ids"]
+        if len(ids) < doc_tokens + cont_tokens:
+            raise SystemExit(f"{path} has {len(ids)} tokens < {doc_tokens + cont_tokens}")
+        self.name = path.name
+        self.model = model
+        self.doc = ids[:doc_tokens]
+        self.cont = ids[doc_tokens:doc_tokens + cont_tokens]
+        t0 = time.perf_counter()
+        _, self.cache, qs = model.prefill(self.doc)
+        self.prefill_s = time.perf_counter() - t0
+        cache = [kv.clone() for kv in self.cache]
+        self.full_logits, cont_q = model.forward(self.cont, cache, len(self.doc), return_queries=True)
+        self.full_logp = F.log_softmax(self.full_logits.float(), -1)
+        tgt = torch.tensor(self.cont[1:])
+        self.full_nll = float(-self.full_logp[:-1].gather(1, tgt[:, None]).mean())
+        H = model.num_kv_heads
+        self.eval_queries = [group_queries(q, H)[0] for q in cont_q]  # continuation queries: truly held out
+        self.key_positions = torch.arange(len(self.doc))
+        self.queries: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.query_s: dict[str, float] = {}
+        if "context" in sources:
+            self.queries["context"] = [group_queries(q, H, torch.arange(len(self.doc))) for q in qs]
+            self.query_s["context"] = 0.0  # a by-product of the prefill
+        if "repeat" in sources:
+            mid = tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
+            seq = self.doc + mid + self.doc
+            t0 = time.perf_counter()
+            _, _, rq = model.prefill(seq)
+            self.query_s["repeat"] = time.perf_counter() - t0
+            start = len(self.doc) + len(mid)
+            pos = torch.arange(start, len(seq))
+            self.queries["repeat"] = [group_queries(q[start:], H, pos) for q in rq]
+
+
+def run_one(w: Workload, method: str, ratio: float, source: str, options: dict | None = None) -> dict:
+    """Compact every layer with ``method`` at ``ratio``, teacher-force C, return the metrics."""
+    options = dict(options or {})
+    T = len(w.doc)
+    t = budget(T, ratio=ratio)
+    cache, out_err, mass_err, gates = [], [], [], []
+    secs = 0.0
+    for layer, kv in enumerate(w.cache):
+        q, qpos = w.queries[source][layer]
+        t0 = time.perf_counter()
+        r = compact(kv.keys, kv.values, q, t, method, query_positions=qpos, key_positions=w.key_positions,
+                    **options)
+        secs += time.perf_counter() - t0
+        cache.append(LayerKV(r.keys, r.values, r.beta))
+        if r.gate is not None:
+            gates.append(r.gate.float())
+        # attention-level error on the continuation's queries (all keys of D visible to them)
+        eq = w.eval_queries[layer]
+        full = compute_targets(kv.keys, kv.values, eq, w.model.scale)
+        comp = compute_targets(r.keys, r.values, eq, w.model.scale, bias=r.beta)
+        out_err.append(float(((comp.output - full.output).norm(dim=-1) / full.output.norm(dim=-1).clamp_min(1e-9)).mean()))
+        mass_err.append(float((comp.log_mass - full.log_mass).pow(2).mean().sqrt()))
+    logits = w.model.forward(w.cont, cache, T)
+    logp = F.log_softmax(logits.float(), -1)
+    kl = float((w.full_logp.exp() * (w.full_logp - logp)).sum(-1).mean())
+    tgt = torch.tensor(w.cont[1:])
+    nll = float(-logp[:-1].gather(1, tgt[:, None]).mean())
+    top1 = float((logits.argmax(-1) == w.full_logits.argmax(-1)).float().mean())
+    max_abs_v = max(float(kv.values.abs().max()) for kv in cache)
+    return {
+        "text": w.name, "source": source, "method": method, "ratio": ratio, "target": t, "T": T,
+        "kl": kl, "nll": nll, "full_nll": w.full_nll, "dnll_pct": 100.0 * (nll - w.full_nll) / w.full_nll,
+        "top1": top1, "attn_out_err": sum(out_err) / len(out_err), "attn_mass_err": sum(mass_err) / len(mass_err),
+        "compact_s": secs, "query_s": w.query_s[source], "prefill_s": w.prefill_s,
+        "fitted_head_share": (float(torch.cat(gates).gt(0).float().mean()) if gates else None),
+        "max_abs_value": max_abs_v, "options": options,
+    }
+
+
+def stamp(argv) -> dict:
+    import transformers
+
+    return {
+        "machine": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "command": " ".join(["python", *argv]), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Offline fidelity ({meta['utc']})", "", f"Command: `{meta['command']}`  ",
+             f"Machine: {meta['machine']} ({meta['cpu_count']} CPUs, torch {meta['torch']}, "
+             f"{meta['torch_threads']} threads)", "",
+             "Cell: mean continuation KL(full‖compacted) / ΔNLL % of full NLL. Lower is better.", ""]
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    for text in sorted({r["text"] for r in rows}):
+        for source in sorted({r["source"] for r in rows}):
+            sub = [r for r in rows if r["text"] == text and r["source"] == source]
+            if not sub:
+                continue
+            lines += [f"## {text}, {source} queries", "",
+                      "| method | " + " | ".join(f"r={x}" for x in ratios) + " |",
+                      "|---|" + "---|" * len(ratios)]
+            for m in [m for m in METHODS if any(r["method"] == m for r in sub)]:
+                cells = []
+                for x in ratios:
+                    c = [r for r in sub if r["method"] == m and r["ratio"] == x]
+                    cells.append(f"{c[0]['kl']:.3f} / {c[0]['dnll_pct']:+.1f}" if c else "–")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines += ["", "| method (top-1 agree / attn out err / mass err / compact s) | "
+                      + " | ".join(f"r={x}" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
+            for m in [m for m in METHODS if any(r["method"] == m for r in sub)]:
+                cells = []
+                for x in ratios:
+                    c = [r for r in sub if r["method"] == m and r["ratio"] == x]
+                    cells.append(f"{c[0]['top1']:.3f} / {c[0]['attn_out_err']:.3f} / {c[0]['attn_mass_err']:.2f} / "
+                                 f"{c[0]['compact_s']:.2f}" if c else "–")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["text"], r["source"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, (text, source) in zip(axes[0], keys):
+        for m in METHODS:
+            sub = sorted([r for r in rows if r["text"] == text and r["source"] == source and r["method"] == m],
+                         key=lambda r: r["ratio"])
+            if sub:
+                ax.plot([r["ratio"] for r in sub], [r["kl"] for r in sub], marker="o", label=m,
+                        linewidth=2.5 if m in ("highest_attention", "omp") else 1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("kept ratio")
+        ax.set_ylabel("continuation KL(full‖compacted)")
+        ax.set_title(f"{text} · {source} queries")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--texts", nargs="+", default=["GPL-3", "Apache-2.0"],
+                    help="files in /usr/share/common-licenses (or paths)")
+    ap.add_argument("--doc-tokens", type=int, default=1024)
+    ap.add_argument("--cont-tokens", type=int, default=256)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05, 0.02])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--sources", nargs="+", default=["context", "repeat"], choices=["context", "repeat"])
+    ap.add_argument("--options", default="{}", help="JSON options passed to compact() for AM methods")
+    ap.add_argument("--prefix", default="offline_fidelity", help="output file stem in benchmarks/results/")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from vllm_attnmatch.model import ensure_model
+
+    folder = ensure_model()
+    model = ReferenceLlama.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    am_options = json.loads(args.options)
+    rows = []
+    jobs = [(text, s, m, r) for text in args.texts for s in args.sources for m in args.methods for r in args.ratios]
+    bar = tqdm(total=len(jobs), desc="fidelity")
+    for text in args.texts:
+        w = Workload(model, tok, text, args.doc_tokens, args.cont_tokens, tuple(args.sources))
+        reuse: dict = {}
+        for s in args.sources:
+            for m in args.methods:
+                for r in args.ratios:
+                    if m in QUERY_FREE and (m, r) in reuse:
+                        row = dict(reuse[(m, r)], source=s)
+                    else:
+                        row = run_one(w, m, r, s, am_options if m not in BASELINES else None)
+                        reuse[(m, r)] = row
+                    rows.append(row)
+                    bar.set_postfix_str(f"{w.name} {s} {m} r={r} kl={row['kl']:.3f}")
+                    bar.update()
+    bar.close()
+    meta = stamp(["benchmarks/fidelity_offline.py", *argv])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / args.prefix
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, meta))
+    plot(rows, out.with_suffix(".png"))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The compact() contract on synthetic data: shapes, bounds, exactness, determinism, β-aware re-compaction."""
+
+import math
+
+import pytest
+import torch
+
+from vllm_attnmatch.algorithms import BASELINES, METHODS, compact, compact_chunked, group_queries
+from vllm_attnmatch.algorithms.targets import block_attention, compute_targets
+
+
+def _data(seed=0, H=3, T=96, n=160, d=16, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(H, T, d, generator=g) * spread
+    V = torch.randn(H, T, d, generator=g)
+    Q = torch.randn(H, n, d, generator=g) * spread
+    return K, V, Q
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_returns_valid_finite_entries(method):
+    K, V, Q = _data()
+    qpos = torch.arange(160) % 96
+    r = compact(K, V, Q, 12, method, query_positions=qpos, key_positions=torch.arange(96))
+    assert r.keys.shape == (3, 12, 16) and r.values.shape == (3, 12, 16)
+    assert r.beta.shape == (3, 12) and r.beta.dtype == torch.float32
+    assert r.indices.shape == (3, 12) and r.indices.dtype == torch.long
+    for h in range(3):
+        idx = r.indices[h]
+        assert idx.unique().numel() == 12 and (idx.diff() > 0).all() and 0 <= idx.min() and idx.max() < 96
+        assert torch.equal(r.keys[h], K[h, idx])  # keys are a subset, RoPE untouched
+    assert torch.isfinite(r.beta).all() and torch.isfinite(r.values).all()
+    if method in BASELINES:
+        assert torch.equal(r.beta, torch.zeros(3, 12))
+        assert torch.equal(r.values, torch.gather(V, 1, r.indices[..., None].expand(3, 12, 16)))
+    assert isinstance(r.fit_error, float)
+
+
+def test_full_budget_reproduces_the_block_exactly():
+    K, V, Q = _data(1)
+    bias = torch.randn(3, 96)
+    for b in (None, bias):
+        r = compact(K, V, Q, 96, bias=b)
+        assert torch.equal(r.keys, K) and torch.equal(r.values, V)
+        assert torch.equal(r.beta, torch.zeros(3, 96) if b is None else b)
+        assert torch.equal(r.indices[0], torch.arange(96))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic_given_seed(method):
+    K, V, Q = _data(2)
+    a = compact(K, V, Q, 10, method, seed=7, max_queries=100)
+    b = compact(K, V, Q, 10, method, seed=7, max_queries=100)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.beta, b.beta) and torch.equal(a.values, b.values)
+
+
+def test_random_depends_on_seed():
+    K, V, Q = _data(2)
+    assert not torch.equal(compact(K, V, Q, 10, "random", seed=1).indices, compact(K, V, Q, 10, "random", seed=2).indices)
+
+
+def test_outputs_stay_bounded_and_bf16_storable_on_hostile_data():
+    # Near-duplicate keys and huge logits: plain least squares blows up here (κ ≈ ∞).
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 8, 16, generator=g) * 6
+    K = base.repeat_interleave(12, dim=1) + 1e-4 * torch.randn(3, 96, 16, generator=g)
+    V = torch.randn(3, 96, 16, generator=g)
+    Q = torch.randn(3, 200, 16, generator=g) * 6
+    for method in ("highest_attention", "omp"):
+        r = compact(K, V, Q, 20, method, value_clip=4.0)
+        assert (r.beta.abs() <= 3.0 + 1e-5).all()
+        assert float(r.values.abs().max()) <= 4.0 * float(V.abs().max()) + 1e-4
+        for x in (r.keys, r.values, r.beta):
+            assert torch.isfinite(x.to(torch.bfloat16)).all()
+
+
+def test_beta_recovers_duplicated_mass_exactly():
+    # 8 distinct keys each present 12 times: keeping one copy each with β = log 12 is an exact compaction.
+    g = torch.Generator().manual_seed(4)
+    base_k = torch.randn(2, 8, 16, generator=g)
+    base_v = torch.randn(2, 8, 16, generator=g)
+    K, V = base_k.repeat_interleave(12, 1), base_v.repeat_interleave(12, 1)
+    Q = torch.randn(2, 300, 16, generator=g)
+    r = compact(K, V, Q, 8, "omp", beta_bounds=(-3.0, 3.0), sinks=0, keys_per_step=1, nnls_every=1, progressive=False)
+    kept_keys = {tuple(k.tolist()) for k in r.keys[0]}
+    assert len(kept_keys) == 8  # one copy of each distinct key
+    assert torch.allclose(r.beta, torch.full_like(r.beta, math.log(12)), atol=1e-2)
+    lm, out = block_attention(Q, r.keys, r.values, r.beta, 0.25)
+    tg = compute_targets(K, V, Q, 0.25)
+    assert torch.allclose(lm, tg.log_mass, atol=1e-2) and torch.allclose(out, tg.output, atol=1e-3)
+    # Eviction at the same indices misses the mass by log 12.
+    lm0, _ = block_attention(Q, r.keys, r.values, torch.zeros_like(r.beta), 0.25)
+    assert (tg.log_mass - lm0).mean() > 2.0
+
+
+def test_gate_never_accepts_a_fit_that_is_worse_on_heldout_queries():
+    K, V, Q = _data(5, n=400)
+    for t in (5, 20, 60):
+        r = compact(K, V, Q, t)
+        fitted = r.heldout_output_error + r.heldout_mass_error
+        plain = r.plain_output_error + r.plain_mass_error
+        assert (fitted <= plain + 1e-5).all()
+        assert math.isfinite(r.fit_error) and abs(r.fit_error - float(r.heldout_output_error.mean())) < 1e-6
+
+
+def test_recompaction_keeps_and_uses_the_old_bias():
+    K, V, Q = _data(6, n=300)
+    g = torch.Generator().manual_seed(9)
+    bias = torch.randn(3, 96, generator=g) * 1.5
+    # Plain kept entries carry their old β: attention over them equals biased attention over K[idx].
+    r = compact(K, V, Q, 30, "h2o", bias=bias)
+    assert torch.equal(r.beta, torch.gather(bias, 1, r.indices))
+    r = compact(K, V, Q, 30, bias=bias, fit_values=False, gate=False)
+    kept_bias = torch.gather(bias, 1, r.indices)
+    # stored β = fitted log-weight + old bias, and the log-weight is within the fit's bounds
+    assert ((r.beta - kept_bias).abs() <= 3.0 + 1e-5).all()
+    with_bias = compute_targets(K, V, Q, 0.25, bias=bias)
+    without = compute_targets(K, V, Q, 0.25)
+    lm, _ = block_attention(Q, r.keys, r.values, r.beta, 0.25)
+    err_with = (lm - with_bias.log_mass).pow(2).mean()
+    err_without = (lm - without.log_mass).pow(2).mean()
+    assert err_with < 0.25 * err_without  # the fit reproduces the biased targets, not the unbiased ones
+    # and a second compaction of the compacted cache is consistent with its β
+    r2 = compact(r.keys, r.values, Q, 30, bias=r.beta)
+    assert torch.equal(r2.beta, r.beta) and torch.equal(r2.values, r.values)
+
+
+def test_causal_options_change_the_fit_and_stay_valid():
+    K, V, Q = _data(7, n=96)
+    pos = torch.arange(96)
+    a = compact(K, V, Q, 12, query_positions=pos, key_positions=pos)
+    b = compact(K, V, Q, 12)
+    assert not torch.equal(a.indices, b.indices) or not torch.allclose(a.values, b.values)
+    assert torch.isfinite(a.values).all()
+
+
+def test_query_cap_subsamples():
+    K, V, Q = _data(8, n=500)
+    r = compact(K, V, Q, 10, max_queries=50, seed=1)
+    r2 = compact(K, V, Q[:, :50], 10, seed=1)
+    assert r.indices.shape == r2.indices.shape and math.isfinite(r.fit_error)
+
+
+def test_chunked_compaction_covers_all_chunks():
+    K, V, Q = _data(9, T=100)
+    r = compact_chunked(K, V, Q, 20, chunk_tokens=30, key_positions=torch.arange(100))
+    assert r.keys.shape == (3, 20, 16)
+    assert r.indices.shape == (3, 20)
+    for start, end in ((0, 30), (30, 60), (60, 90), (90, 100)):
+        inside = ((r.indices[0] >= start) & (r.indices[0] < end)).sum()
+        assert inside >= 1
+    assert torch.equal(r.keys[0], K[0, r.indices[0]])
+
+
+def test_group_queries_layout_matches_gqa_convention():
+    q = torch.arange(2 * 6 * 1, dtype=torch.float32).reshape(2, 6, 1)  # n=2 tokens, 6 query heads
+    grouped, pos = group_queries(q, num_kv_heads=2)
+    assert grouped.shape == (2, 6, 1)
+    # KV head 1 serves query heads 3,4,5
+    assert grouped[1, :, 0].tolist() == [3.0, 9.0, 4.0, 10.0, 5.0, 11.0]
+    assert pos.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_rejects_unknown_method_and_option():
+    K, V, Q = _data()
+    with pytest.raises(ValueError):
+        compact(K, V, Q, 10, "nope")
+    with pytest.raises(TypeError):
+        compact(K, V, Q, 10, bogus=1)

@@ -1,0 +1,98 @@
+"""Model-level checks on the bundled SmolLM2 with a short real context (marked ``model``)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_attnmatch.algorithms import budget, compact, group_queries
+from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
+
+pytestmark = pytest.mark.model
+TEXT = Path("/usr/share/common-licenses/GPL-3")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from vllm_attnmatch.model import ensure_model
+
+    torch.set_num_threads(2)
+    folder = ensure_model()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(TEXT.read_text())["input_ids"]
+    return folder, ReferenceLlama.from_pretrained(folder), ids
+
+
+def test_reference_forward_matches_transformers(setup):
+    folder, model, ids = setup
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    x = ids[:96]
+    with torch.no_grad():
+        ref = hf(torch.tensor([x])).logits[0]
+    logits, cache, queries = model.prefill(x)
+    assert (logits - ref).abs().max() < 2e-3
+    assert len(cache) == 30 and cache[0].keys.shape == (3, 96, 64) and queries[0].shape == (96, 9, 64)
+
+
+def test_uncompacted_cache_reproduces_full_logits_with_logical_positions(setup):
+    _, model, ids = setup
+    x = ids[:160]
+    full, _, _ = model.prefill(x)
+    _, cache, qs = model.prefill(x[:128])
+    # t = T through compact(): nothing removed, β = 0 → exactly the full-cache logits
+    kept = []
+    for kv, q in zip(cache, qs):
+        gq, pos = group_queries(q, 3)
+        r = compact(kv.keys, kv.values, gq, 128, query_positions=pos, key_positions=torch.arange(128))
+        kept.append(LayerKV(r.keys, r.values, r.beta))
+    tail = model.forward(x[128:], kept, start_position=128)
+    assert (tail - full[128:]).abs().max() < 1e-4
+    assert len(kept[0]) == 160  # forward appended the new tokens to the cache
+
+
+def test_beta_shifts_attention_like_duplicated_keys(setup):
+    # A cached entry with β = log 2 must act exactly like that entry stored twice.
+    _, model, ids = setup
+    x = ids[:40]
+    _, cache, _ = model.prefill(x[:32])
+    dup = [LayerKV(torch.cat([kv.keys, kv.keys[:, 5:6]], 1), torch.cat([kv.values, kv.values[:, 5:6]], 1),
+                   torch.zeros(3, 33)) for kv in cache]
+    biased = []
+    for kv in cache:
+        b = torch.zeros(3, 32)
+        b[:, 5] = torch.log(torch.tensor(2.0))
+        biased.append(LayerKV(kv.keys.clone(), kv.values.clone(), b))
+    a = model.forward(x[32:], dup, start_position=32)
+    b = model.forward(x[32:], biased, start_position=32)
+    assert (a - b).abs().max() < 1e-4
+    plain = model.forward(x[32:], [kv.clone() for kv in cache], start_position=32)
+    assert (a - plain).abs().max() > 1e-3
+
+
+def _kl_after_compaction(model, ids, method, ratio, T=320, C=64, **options):
+    doc, cont = ids[:T], ids[T:T + C]
+    _, cache, qs = model.prefill(doc)
+    full = model.forward(cont, [kv.clone() for kv in cache], T)
+    t = budget(T, ratio=ratio)
+    comp = []
+    for kv, q in zip(cache, qs):
+        gq, pos = group_queries(q, 3)
+        r = compact(kv.keys, kv.values, gq, t, method, query_positions=pos, key_positions=torch.arange(T), **options)
+        assert torch.isfinite(r.values.to(torch.bfloat16)).all() and torch.isfinite(r.beta).all()
+        comp.append(LayerKV(r.keys, r.values, r.beta))
+    logits = model.forward(cont, comp, T)
+    p = F.log_softmax(full, -1)
+    return float((p.exp() * (p - F.log_softmax(logits, -1))).sum(-1).mean())
+
+
+def test_default_attention_matching_beats_truncate_and_random(setup):
+    _, model, ids = setup
+    am = _kl_after_compaction(model, ids, "highest_attention", 0.1)
+    trunc = _kl_after_compaction(model, ids, "truncate", 0.1)
+    rnd = _kl_after_compaction(model, ids, "random", 0.1)
+    assert am < 0.7 * min(trunc, rnd), (am, trunc, rnd)

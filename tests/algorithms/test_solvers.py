@@ -1,0 +1,122 @@
+"""The maths of the fit on synthetic data: NNLS, ridge values, causal targets, budgets."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from vllm_attnmatch.algorithms import budget, global_head_budgets, head_budgets, load_head_shares, save_head_shares
+from vllm_attnmatch.algorithms.nnls import nnls
+from vllm_attnmatch.algorithms.targets import compute_targets, visibility
+from vllm_attnmatch.algorithms.values import ridge_path
+
+
+def _brute_force_box_ls(A, y, lo, hi):
+    """Exact box-constrained LS by enumerating which variables sit at a bound (3^t cases)."""
+    t = A.shape[1]
+    best, best_w = math.inf, None
+    for pattern in itertools.product((0, 1, 2), repeat=t):  # 0 = lo, 1 = free, 2 = hi
+        w = torch.zeros(t, dtype=torch.float64)
+        free = [i for i, p in enumerate(pattern) if p == 1]
+        for i, p in enumerate(pattern):
+            if p != 1:
+                w[i] = lo if p == 0 else hi
+        if free:
+            fixed_part = A @ w
+            sol = torch.linalg.lstsq(A[:, free], (y - fixed_part).unsqueeze(-1)).solution.squeeze(-1)
+            if (sol < lo - 1e-12).any() or (sol > hi + 1e-12).any():
+                continue
+            w[free] = sol
+        obj = float((A @ w - y).pow(2).sum())
+        if obj < best:
+            best, best_w = obj, w
+    return best_w, best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nnls_matches_brute_force_box_least_squares(seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.rand(3, 12, 4, generator=g, dtype=torch.float64)
+    y = torch.rand(3, 12, generator=g, dtype=torch.float64) * 2
+    lo, hi = 0.05, 1.5
+    w = nnls(A.float(), y.float(), lo, hi, iters=3000)
+    for h in range(3):
+        ref_w, ref_obj = _brute_force_box_ls(A[h], y[h], lo, hi)
+        obj = float((A[h] @ w[h].double() - y[h]).pow(2).sum())
+        assert obj <= ref_obj * (1 + 1e-4) + 1e-7
+        assert torch.allclose(w[h].double(), ref_w, atol=2e-3)
+    assert (w >= lo).all() and (w <= hi).all()
+
+
+def test_nnls_ridge_pulls_towards_prior():
+    g = torch.Generator().manual_seed(3)
+    A = torch.rand(2, 30, 5, generator=g)
+    y = torch.rand(2, 30, generator=g) * 3
+    free = nnls(A, y, 0.0, 100.0, iters=2000)
+    strong = nnls(A, y, 0.0, 100.0, ridge=1e6, prior=torch.ones(2, 5), iters=2000)
+    assert torch.allclose(strong, torch.ones(2, 5), atol=1e-3)
+    assert not torch.allclose(free, torch.ones(2, 5), atol=1e-2)
+
+
+def test_ridge_path_matches_closed_form_and_limits():
+    g = torch.Generator().manual_seed(4)
+    X = torch.softmax(torch.randn(2, 50, 6, generator=g) * 2, -1)
+    Y = torch.randn(2, 50, 8, generator=g)
+    prior = torch.randn(2, 6, 8, generator=g)
+    alphas = (1e-6, 0.1, float("inf"))
+    sols = ridge_path(X, Y, prior, alphas)
+    G = X.transpose(1, 2) @ X
+    for h in range(2):
+        lam = 0.1 * torch.trace(G[h]) / 6
+        ref = torch.linalg.solve(G[h] + lam * torch.eye(6), X[h].T @ Y[h] + lam * prior[h])
+        assert torch.allclose(sols[1][h], ref, atol=1e-4)
+        lstsq = torch.linalg.lstsq(X[h].double(), Y[h].double()).solution.float()
+        assert torch.allclose(sols[0][h], lstsq, atol=1e-2)
+    assert torch.equal(sols[2], prior)
+
+
+def test_causal_targets_ignore_future_keys():
+    g = torch.Generator().manual_seed(5)
+    K, V, Q = (torch.randn(1, 10, 4, generator=g) for _ in range(3))
+    pos = torch.arange(10)
+    vis = visibility(pos, pos)
+    a = compute_targets(K, V, Q, 0.5, visible=vis)
+    K2, V2 = K.clone(), V.clone()
+    K2[:, 6:] += 3.0
+    V2[:, 6:] -= 5.0
+    b = compute_targets(K2, V2, Q, 0.5, visible=vis)
+    assert torch.allclose(a.output[:, :6], b.output[:, :6]) and torch.allclose(a.log_mass[:, :6], b.log_mass[:, :6])
+    assert not torch.allclose(a.output[:, 6:], b.output[:, 6:])
+    # query 0 sees only key 0: its output is exactly v_0
+    assert torch.allclose(a.output[0, 0], V[0, 0], atol=1e-6)
+    full = compute_targets(K, V, Q, 0.5)
+    assert not torch.allclose(full.output[:, :6], a.output[:, :6])
+
+
+def test_budget():
+    assert budget(1000, ratio=0.1) == 100
+    assert budget(10, ratio=0.01) == 1
+    assert budget(100, target_tokens=500) == 100
+    assert budget(100, target_tokens=7) == 7
+    with pytest.raises(ValueError):
+        budget(100)
+    with pytest.raises(ValueError):
+        budget(100, ratio=1.5)
+
+
+def test_head_budgets_follow_shares_cap_and_keep_total(tmp_path):
+    shares = {(0, 0): 0.5, (0, 1): 0.1, (1, 0): 0.3, (1, 1): 0.1}
+    path = tmp_path / "b.json"
+    save_head_shares(shares, path)
+    assert '"L0H0"' in path.read_text()
+    loaded = load_head_shares(path)
+    assert loaded == shares
+    b = head_budgets(loaded, 2, 2, T=100, t=40, max_ratio=0.75)
+    assert int(b.max()) <= 75 and b[0, 0] == 75
+    assert abs(int(b.sum()) - 160) <= 3  # total kept, up to flooring
+    assert b[1, 0] > b[0, 1]
+    scores = torch.rand(2, 2, 100)
+    scores[1, 1] *= 10
+    gb = global_head_budgets(scores, t=10)
+    assert gb[1, 1] == gb.max() and abs(int(gb.sum()) - 40) <= 2
