@@ -66,9 +66,9 @@ def compute_targets(keys, values, queries, scale, bias=None, visible=None) -> Ta
     rowmax = s.amax(dim=-1)
     valid = torch.isfinite(rowmax)
     safe_max = torch.where(valid, rowmax, torch.zeros_like(rowmax))
-    e = torch.exp(s - safe_max.unsqueeze(-1))  # in [0, 1], 0 where invisible
+    e = (s - safe_max.unsqueeze(-1)).exp_()  # in [0, 1], 0 where invisible
     z = e.sum(-1)
-    probs = e / z.clamp_min(1e-30).unsqueeze(-1)
+    probs = e.div_(z.clamp_min(1e-30).unsqueeze(-1))
     output = torch.bmm(probs, values.float())
     log_mass = torch.where(valid, torch.log(z.clamp_min(1e-30)) + safe_max, torch.full_like(z, NEG_INF))
     return Targets(s, probs, rowmax, log_mass, output, valid)

@@ -4,14 +4,18 @@ Plain picklable dataclasses, no vLLM import: the scheduler attaches a :class:`St
 ``SchedulerOutput`` (the only channel scheduler → worker, so ordering is the step order), and the worker
 attaches :class:`CompactionResult` s to the ``ModelRunnerOutput`` it returns.
 
-Geometry of a request whose first ``num_tokens`` KV entries are compacted (logical positions)::
+Geometry of a compaction (logical positions on the left, physical slots on the right)::
 
-    [0, keep_first)                  raw         -> physical [0, keep_first)
-    [keep_first, span_end)           compacted   -> physical [keep_first, keep_first + target)
-    [span_end, num_tokens)           raw tail    -> physical [keep_first + target, physical_len)
+    [0, keep_first)            raw          -> [0, keep_first)
+    [keep_first, span_end)     compacted    -> [keep_first, keep_first + target)
+                               padding      -> [keep_first + target, prefix_physical_len)   β = -inf
+    [span_end, num_tokens)     raw tail     -> [prefix_physical_len, physical_len)
 
-``offset = num_tokens - physical_len`` is what later tokens subtract from their logical position to find
-their physical slot; their RoPE position stays logical.
+``span_end`` is block-aligned and the padding fills the last compacted block, so the compacted prefix is
+made of whole blocks that depend only on the first ``span_end`` tokens: they can be shared by later
+requests with the same prefix (the compacted-prefix store) while each request writes its own tail into
+blocks of its own. ``offset = num_tokens - physical_len`` is what later tokens subtract from their
+logical position to find their physical slot; their RoPE position stays logical.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ class CompactionLayout:
 
     num_tokens: int  # KV entries that exist before the compaction (logical length)
     keep_first: int
-    span_end: int  # end of the compacted span (exclusive), logical
+    span_end: int  # end of the compacted span (exclusive), logical, block-aligned
     target: int  # entries the span is compacted to
+    pad: int = 0  # β = -inf entries that complete the last compacted block
 
     @property
     def span_tokens(self) -> int:
@@ -44,8 +49,13 @@ class CompactionLayout:
         return self.num_tokens - self.span_end
 
     @property
+    def prefix_physical_len(self) -> int:
+        """Physical entries of the compacted prefix (a whole number of blocks)."""
+        return self.keep_first + self.target + self.pad
+
+    @property
     def physical_len(self) -> int:
-        return self.keep_first + self.target + self.tail_tokens
+        return self.prefix_physical_len + self.tail_tokens
 
     @property
     def offset(self) -> int:
@@ -53,30 +63,32 @@ class CompactionLayout:
 
 
 def plan_layout(
-    num_tokens: int,
+    num_tokens: int | None,
     prompt_tokens: int,
     keep_first: int,
     keep_last: int,
     ratio: float | None,
     target_tokens: int | None,
     min_span_tokens: int,
+    block_size: int,
 ) -> CompactionLayout | None:
-    """Layout for compacting a request's prompt (minus the kept ranges), or None if too short.
+    """Layout for compacting a request's prompt prefix, or None if the span is too short.
 
-    ``num_tokens`` may exceed ``prompt_tokens`` when a preempted request is re-prefilled together with
-    tokens it had generated; those stay raw in the tail.
+    The span ends at the last block boundary that leaves at least ``max(keep_last, 1)`` prompt tokens
+    raw (the last prompt token is always computed by vLLM, and a compacted prefix never includes it).
+    ``num_tokens`` (KV entries present when compacting) defaults to ``span_end``: the engine compacts
+    as soon as the prefix is prefilled, and the rest of the prompt is prefilled over the result.
     """
     keep_first = min(keep_first, prompt_tokens)
-    span_end = max(keep_first, prompt_tokens - keep_last)
+    span_end = (prompt_tokens - max(keep_last, 1)) // block_size * block_size
     span = span_end - keep_first
     if span < max(1, min_span_tokens):
         return None
-    return CompactionLayout(
-        num_tokens=num_tokens,
-        keep_first=keep_first,
-        span_end=span_end,
-        target=budget(span, ratio, target_tokens),
-    )
+    target = budget(span, ratio, target_tokens)
+    pad = cdiv(keep_first + target, block_size) * block_size - keep_first - target
+    if num_tokens is None:
+        num_tokens = span_end
+    return CompactionLayout(num_tokens=num_tokens, keep_first=keep_first, span_end=span_end, target=target, pad=pad)
 
 
 @dataclass(frozen=True)
@@ -110,10 +122,12 @@ class StepPlan:
     offsets: dict[str, int] = field(default_factory=dict)
     # req_id -> keep every k-th prefill query row as a reference query (0 = do not capture)
     capture_stride: dict[str, int] = field(default_factory=dict)
+    # blocks handed out this step through a compacted-prefix hit: their β is valid and must be kept
+    preserve_bias: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.jobs or self.swaps or self.offsets or self.capture_stride)
+        return not (self.jobs or self.swaps or self.offsets or self.capture_stride or self.preserve_bias)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from vllm_attnmatch.config import (
 )
 from vllm_attnmatch.engine.jobs import (
     RUNNER_OUTPUT_ATTR,
+    CompactionLayout,
     SCHEDULER_OUTPUT_ATTR,
     CompactionJob,
     CompactionResult,
@@ -34,6 +35,7 @@ from vllm_attnmatch.engine.jobs import (
     plan_layout,
 )
 from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionManager, register_kv_cache_spec
+from vllm_attnmatch.engine.prefix_store import CompactedPrefixStore
 from vllm_attnmatch.metrics import CompactionStats
 
 logger = init_logger("vllm.attnmatch.scheduler")
@@ -44,9 +46,11 @@ class RequestCompaction:
     """Plugin state of one compacting request."""
 
     params: EffectiveParams
+    layout: CompactionLayout
     # num_preemptions when the current compaction was applied (None: not compacted in this life).
     compacted_in_life: int | None = None
     pending: CompactionJob | None = None
+    prefix_key: bytes | None = None
 
 
 class AttnMatchScheduler(Scheduler):
@@ -64,6 +68,15 @@ class AttnMatchScheduler(Scheduler):
         self._am_requests: dict[str, RequestCompaction] = {}
         self._am_swaps: dict[str, tuple[int, ...]] = {}
         self._am_pending_jobs: dict[str, tuple[CompactionJob, list]] = {}
+        self._am_hit_block_ids: list[int] = []
+        self._am_store: CompactedPrefixStore | None = None
+        if self.kv_cache_manager.enable_caching:
+            self._am_store = CompactedPrefixStore(
+                self.kv_cache_manager.block_pool,
+                self.block_size,
+                self.am_manager.kv_cache_group_id,
+                salt=f"{vllm_config.model_config.model}|{__version__}|{self.attnmatch.summary()}",
+            )
         engine_index = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
         self.am_stats = CompactionStats(engine_index)
         logger.info(
@@ -82,9 +95,23 @@ class AttnMatchScheduler(Scheduler):
     def add_request(self, request) -> None:
         params = self._params_for(request)
         if params is not None and params.compacts_prefill:
-            self._am_requests[request.request_id] = RequestCompaction(params)
-            # Reference queries come from the prefill: every prompt token must be computed here.
-            request.skip_reading_prefix_cache = True
+            layout = plan_layout(
+                num_tokens=None,
+                prompt_tokens=request.num_prompt_tokens,
+                keep_first=params.keep_first,
+                keep_last=params.keep_last,
+                ratio=params.ratio,
+                target_tokens=params.target_tokens,
+                min_span_tokens=self.attnmatch.min_prompt_tokens,
+                block_size=self.block_size,
+            )
+            if layout is None:
+                self.am_stats.add("skipped")  # too short to compact: served exactly as stock vLLM
+            else:
+                self._am_requests[request.request_id] = RequestCompaction(params, layout)
+                # Reference queries come from the prefill: every prefix token must be computed here
+                # (or the whole compacted prefix found in the store).
+                request.skip_reading_prefix_cache = True
         super().add_request(request)
 
     def _params_for(self, request) -> EffectiveParams | None:
@@ -96,14 +123,37 @@ class AttnMatchScheduler(Scheduler):
             return None
         return effective_params(self.attnmatch, request_params)
 
+    def _get_local_prefix_cache_hit(self, request):
+        """Compacting requests look for a stored compacted prefix instead of token-hash hits (they need
+        every prefix token's query if they compact themselves)."""
+        state = self._am_requests.get(request.request_id)
+        if state is None or self._am_store is None:
+            return super()._get_local_prefix_cache_hit(request)
+        self.am_manager.offsets.pop(request.request_id, None)
+        state.compacted_in_life = None
+        layout = state.layout
+        state.prefix_key = self._am_store.prefix_key(request, layout, state.params.cache_key())
+        blocks = None
+        if state.prefix_key is not None:
+            blocks = self._am_store.lookup(state.prefix_key, layout.prefix_physical_len // self.block_size)
+        if blocks is None:
+            self.am_stats.add("prefix_misses")
+            return super()._get_local_prefix_cache_hit(request)  # empty: reads are skipped
+        self.am_stats.add("prefix_hits")
+        self.am_stats.add("prefill_tokens_saved", layout.span_end)
+        self.am_manager.offsets[request.request_id] = layout.offset
+        state.compacted_in_life = request.num_preemptions
+        self._am_hit_block_ids.extend(b.block_id for b in blocks)
+        return self.kv_cache_manager.create_kv_cache_blocks((blocks,)), layout.span_end, 0, False
+
     # -- planning ----------------------------------------------------------------------------------
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
-        plan = StepPlan(swaps=self._am_swaps)
+        plan = StepPlan(swaps=self._am_swaps, preserve_bias=self._am_hit_block_ids)
         self._am_swaps = {}
-        pool = self.kv_cache_manager.block_pool
-        for req_id, num_scheduled in output.num_scheduled_tokens.items():
+        self._am_hit_block_ids = []
+        for req_id in list(output.num_scheduled_tokens):
             state = self._am_requests.get(req_id)
             if state is None:
                 continue
@@ -115,34 +165,37 @@ class AttnMatchScheduler(Scheduler):
                 plan.offsets[req_id] = offset
             if state.compacted_in_life is not None or state.pending is not None:
                 continue
-            computed_before = request.num_computed_tokens - num_scheduled
-            if computed_before >= request.num_prompt_tokens:
+            span_end = state.layout.span_end
+            if request.num_computed_tokens - output.num_scheduled_tokens[req_id] >= span_end:
                 continue
-            stride = max(1, math.ceil(request.num_prompt_tokens / self.attnmatch.max_query_tokens))
-            plan.capture_stride[req_id] = stride
-            if request.num_computed_tokens < request.num_prompt_tokens:
-                continue  # a later chunk completes the prefill
-            job = self._plan_job(request, state.params, pool)
-            if job is not None:
-                state.pending = job
-                plan.jobs.append(job)
+            self._stop_prefill_at(output, request, span_end)
+            plan.capture_stride[req_id] = max(1, math.ceil(span_end / self.attnmatch.max_query_tokens))
+            if request.num_computed_tokens == span_end:
+                job = self._plan_job(request, state)
+                if job is not None:
+                    state.pending = job
+                    plan.jobs.append(job)
         if not plan.is_empty:
             setattr(output, SCHEDULER_OUTPUT_ATTR, plan)
         return output
 
-    def _plan_job(self, request, params: EffectiveParams, pool) -> CompactionJob | None:
-        layout = plan_layout(
-            num_tokens=request.num_computed_tokens,
-            prompt_tokens=request.num_prompt_tokens,
-            keep_first=params.keep_first,
-            keep_last=params.keep_last,
-            ratio=params.ratio,
-            target_tokens=params.target_tokens,
-            min_span_tokens=self.attnmatch.min_prompt_tokens,
-        )
-        if layout is None:
-            self.am_stats.add("skipped")
-            return None
+    def _stop_prefill_at(self, output, request, span_end: int) -> None:
+        """End this step's chunk of the request at the compacted span's end, so that the rest of the
+        prompt is prefilled over the compacted prefix: exactly what a later request that reuses the
+        stored prefix computes."""
+        excess = request.num_computed_tokens - span_end
+        if excess <= 0:
+            return
+        output.num_scheduled_tokens[request.request_id] -= excess
+        output.total_num_scheduled_tokens -= excess
+        request.num_computed_tokens -= excess
+        request.num_in_flight_tokens -= excess
+        request.is_prefill_chunk = True
+        self._inflight_prefills.add(request)
+
+    def _plan_job(self, request, state: RequestCompaction) -> CompactionJob | None:
+        layout, params = state.layout, state.params
+        pool = self.kv_cache_manager.block_pool
         num_dst = cdiv(layout.physical_len, self.block_size)
         if pool.get_num_free_blocks() < num_dst:
             logger.info("request %s: no free blocks for compaction; served uncompacted", request.request_id)
@@ -196,6 +249,7 @@ class AttnMatchScheduler(Scheduler):
             return
         old = self.am_manager.replace_blocks(job.req_id, dst, job.layout.offset)
         state.compacted_in_life = request.num_preemptions
+        self._publish_prefix(state, job, dst)
         self._am_swaps[job.req_id] = job.dst_block_ids
         stats = self.am_stats
         stats.add("compactions")
@@ -218,6 +272,13 @@ class AttnMatchScheduler(Scheduler):
                 len(old),
                 len(dst),
             )
+
+    def _publish_prefix(self, state: RequestCompaction, job: CompactionJob, dst: list) -> None:
+        if self._am_store is None or state.prefix_key is None:
+            return
+        num_blocks = job.layout.prefix_physical_len // self.block_size
+        if self._am_store.lookup(state.prefix_key, num_blocks) is None:
+            self._am_store.store(state.prefix_key, dst[:num_blocks])
 
     def _free_request(self, request, *args, **kwargs):
         self._am_requests.pop(request.request_id, None)

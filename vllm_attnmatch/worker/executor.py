@@ -64,7 +64,9 @@ def compact_layer(
     kwargs["scale"] = scale
     if queries is not None and query_positions is not None:
         # Rows before the span see none of its keys under causal targets: they carry no information.
-        sees_span = query_positions >= first
+        # Rows after it would make the compacted prefix depend on the request's suffix, and a shared
+        # compacted prefix must depend on the prefix alone.
+        sees_span = (query_positions >= first) & (query_positions < end)
         queries, query_positions = queries[sees_span], query_positions[sees_span]
         pooled = pool_queries(queries, keys.shape[0])
         group = queries.shape[1] // keys.shape[0]
@@ -79,12 +81,20 @@ def compact_layer(
     for name in ("keys", "values", "beta"):
         if not torch.isfinite(getattr(result, name)).all():
             raise NonFiniteCompaction(f"non-finite {name} in the compacted cache")
-    num_heads = keys.shape[0]
-    zeros = lambda n: torch.zeros(num_heads, n, dtype=torch.float32)  # noqa: E731
-    new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), keys[:, end:]], dim=1)
-    new_values = torch.cat([values[:, :first], result.values.to(values.dtype), values[:, end:]], dim=1)
-    beta = torch.cat([zeros(first), result.beta.float().cpu(), zeros(layout.tail_tokens)], dim=1)
-    return new_keys, new_values, beta.to(keys.device), float(getattr(result, "fit_error", math.nan))
+    num_heads, _, head_dim = keys.shape
+    pad = keys.new_zeros((num_heads, layout.pad, head_dim))
+    new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), pad, keys[:, end:]], dim=1)
+    new_values = torch.cat([values[:, :first], result.values.to(values.dtype), pad, values[:, end:]], dim=1)
+    beta = torch.cat(
+        [
+            torch.zeros(num_heads, first, device=keys.device),
+            result.beta.float().to(keys.device),
+            torch.full((num_heads, layout.pad), float("-inf"), device=keys.device),
+            torch.zeros(num_heads, layout.tail_tokens, device=keys.device),
+        ],
+        dim=1,
+    )
+    return new_keys, new_values, beta, float(getattr(result, "fit_error", math.nan))
 
 
 def run_job(

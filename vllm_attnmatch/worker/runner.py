@@ -70,6 +70,9 @@ class AttnMatchRunnerMixin:
         for ids in scheduler_output.scheduled_cached_reqs.new_block_ids:
             if ids is not None:
                 fresh.extend(ids[0])
+        if self._am_plan.preserve_bias:
+            keep = set(self._am_plan.preserve_bias)
+            fresh = [b for b in fresh if b not in keep]
         if fresh:
             index = torch.tensor(fresh, dtype=torch.long)
             for bias in self._am_ctx.bias.values():
