@@ -1,0 +1,121 @@
+"""Start and talk to a real vLLM OpenAI server (CPU launch line) from tests and benchmarks.
+
+Why here: the end-to-end tests and the benchmarks need the same thing — a server process on a free
+port, its log, its health, and the plugin's ``/metrics`` samples — and this keeps it in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+STARTUP_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One ``python -m vllm.entrypoints.openai.api_server`` process and its log."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Path | str,
+        additional_config: dict | None,
+        extra_args: list[str] = (),
+        extra_env: dict[str, str] | None = None,
+        kv_cache_gib: float = 1,
+        max_model_len: int = 4096,
+    ):
+        self.name = name
+        self.port = _free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"attnmatch-{name}-"))
+        self.log_path = self.workdir / "server.log"
+        self.dump_dir = self.workdir / "dumps"
+        self.dump_dir.mkdir()
+        args = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model), "--served-model-name", "smollm2", "--dtype", "float32",
+            "--max-model-len", str(max_model_len), "--port", str(self.port), *extra_args,
+        ]
+        if additional_config is not None:
+            args += ["--additional-config", json.dumps(additional_config)]
+        env = dict(
+            os.environ,
+            VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
+            VLLM_ATTNMATCH_DUMP_DIR=str(self.dump_dir),
+            **(extra_env or {}),
+        )
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._ready = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> "Server":
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while not self._ready:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited:\n{self.log()[-4000:]}")
+            try:
+                self._ready = requests.get(self.url + "/health", timeout=2).status_code == 200
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"{self.name} server not ready in {STARTUP_TIMEOUT_S}s:\n{self.log()[-4000:]}")
+            if not self._ready:
+                time.sleep(2)
+        return self
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", timeout=600, max_retries=0)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        """Our ``vllm_attnmatch_*`` samples from ``/metrics``."""
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        values = {}
+        for line in text.splitlines():
+            m = re.match(r"^(vllm_attnmatch_\w+?)(?:_total)?\s+([0-9.eE+-]+)$", line)
+            if m:
+                values[m.group(1).removeprefix("vllm_attnmatch_")] = float(m.group(2))
+        return values
+
+    def wait_idle_free_blocks(self, expected: float | None = None, timeout_s: float = 60) -> float:
+        """Free-block gauge once no request runs (polled: aborts land a step later)."""
+        deadline = time.time() + timeout_s
+        value = self.metrics().get("kv_free_blocks", -1)
+        while time.time() < deadline and expected is not None and value != expected:
+            time.sleep(0.5)
+            value = self.metrics().get("kv_free_blocks", -1)
+        return value
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
