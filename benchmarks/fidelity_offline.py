@@ -188,6 +188,28 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def timing(model, tok, text: str, T: int, ratio: float, methods, repeats: int = 1) -> dict:
+    """Seconds to compact all layers at ``T`` tokens next to the prefill of those tokens."""
+    path = Path(text) if os.path.sep in text else LICENSES / text
+    ids = tok(path.read_text())["input_ids"][:T]
+    t0 = time.perf_counter()
+    _, cache, qs = model.prefill(ids)
+    prefill_s = time.perf_counter() - t0
+    H = model.num_kv_heads
+    grouped = [group_queries(q, H, torch.arange(len(ids))) for q in qs]
+    out = {"text": path.name, "T": len(ids), "ratio": ratio, "prefill_s": prefill_s, "methods": {}}
+    for m in methods:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for kv, (q, qp) in zip(cache, grouped):
+                compact(kv.keys, kv.values, q, budget(len(ids), ratio=ratio), m, query_positions=qp,
+                        key_positions=torch.arange(len(ids)))
+            best = min(best, time.perf_counter() - t0)
+        out["methods"][m] = {"compact_s": best, "share_of_prefill": best / prefill_s}
+    return out
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -201,6 +223,8 @@ def main(argv=None) -> None:
     ap.add_argument("--options", default="{}", help="JSON options passed to compact() for AM methods")
     ap.add_argument("--prefix", default="offline_fidelity", help="output file stem in benchmarks/results/")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timing", type=int, nargs="*", metavar="T",
+                    help="only time compaction of all layers at these context lengths (ratio = first --ratios)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
@@ -212,6 +236,22 @@ def main(argv=None) -> None:
     model = ReferenceLlama.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     am_options = json.loads(args.options)
+    if args.timing is not None:
+        meta = stamp(["benchmarks/fidelity_offline.py", *argv])
+        res = [timing(model, tok, args.texts[0], T, args.ratios[0], args.methods) for T in (args.timing or [1024, 4096])]
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.prefix}.json").write_text(json.dumps({"meta": meta, "timing": res}, indent=1))
+        lines = [f"# Compaction time, all {model.num_layers} layers ({meta['utc']})", "", f"Command: `{meta['command']}`  ",
+                 f"Machine: {meta['machine']} ({meta['cpu_count']} CPUs, {meta['torch_threads']} threads; shared, "
+                 "other jobs were running)", "", "| T | ratio | prefill s | method | compact s | share of prefill |",
+                 "|---|---|---|---|---|---|"]
+        for r in res:
+            for m, v in r["methods"].items():
+                lines.append(f"| {r['T']} | {r['ratio']} | {r['prefill_s']:.2f} | {m} | {v['compact_s']:.2f} | "
+                             f"{100 * v['share_of_prefill']:.1f} % |")
+        (RESULTS / f"{args.prefix}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     rows = []
     jobs = [(text, s, m, r) for text in args.texts for s in args.sources for m in args.methods for r in args.ratios]
     bar = tqdm(total=len(jobs), desc="fidelity")

@@ -104,6 +104,10 @@ class CompactionResult:
         return int(self.keys.shape[1])
 
 
+# Distant-causal targets (see targets.visibility): measured on the bundled model, gap 32–64 turned the
+# fitted β/values from worse than eviction (continuation attention error 0.62 vs 0.38) into better (0.27).
+DEFAULT_QUERY_GAP = 32
+
 _GENERAL = {"bias", "query_positions", "key_positions", "scale", "max_queries", "seed", "causal", "evaluate",
             "query_gap"}
 
@@ -179,7 +183,7 @@ def compact(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, tar
     qpos, kpos = g_opts.get("query_positions"), g_opts.get("key_positions")
     q, qpos = _subsample(queries, qpos, g_opts.get("max_queries", 4096), gen)
     causal = g_opts.get("causal", True)
-    gap = int(g_opts.get("query_gap", 0))
+    gap = int(g_opts.get("query_gap", DEFAULT_QUERY_GAP))
     vis = (visibility(qpos.to(device), kpos.to(device), gap)
            if causal and qpos is not None and kpos is not None else None)
     inp = CompactionInputs(keys.float(), values.float(), q.float(), target, float(scale),

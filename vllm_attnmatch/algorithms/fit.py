@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .nnls import nnls
+from .nnls import nnls_normal
 from .values import DEFAULT_ALPHAS, relative_output_error, ridge_path
 
 INF = float("inf")
@@ -47,9 +47,9 @@ class FitConfig:
     value_alphas: tuple[float, ...] = DEFAULT_ALPHAS
     heldout_fraction: float = 0.25
     gate: bool = True
-    value_clip: float = 4.0
+    value_clip: float = 2.0
     mass_weight: float = 1.0
-    nnls_iters: int = 200
+    nnls_iters: int = 150
     heldout: str = "latest"
     fit_from: float = 0.0
 
@@ -134,20 +134,14 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
     w = ones_w
     if cfg.fit_beta:
         At = A * train.unsqueeze(-1)
-        G_scale = (At.pow(2).sum((1, 2)) / t).clamp_min(1e-30)  # mean eigenvalue of AᵀA per head
-        cands, errs = [], []
-        for mu in cfg.beta_ridges:
-            if mu == INF:
-                w_mu = ones_w
-            else:
-                # per-head ridge: scale each head's rows so one scalar ridge is data-scaled for all heads
-                w_mu = _nnls_scaled(At, train, lo, hi, mu, G_scale, cfg.nnls_iters)
-            cands.append(w_mu)
-            errs.append(_mass_error(A, w_mu, held))
-        errs_t = torch.stack(errs)  # (M,H)
+        finite = [mu for mu in cfg.beta_ridges if mu != INF]
+        cands = list(_nnls_ridge_path(At, train, lo, hi, finite, cfg.nnls_iters)) if finite else []
+        cands += [ones_w for mu in cfg.beta_ridges if mu == INF]
+        order = finite + [mu for mu in cfg.beta_ridges if mu == INF]
+        errs_t = torch.stack([_mass_error(A, w_mu, held) for w_mu in cands])  # (M,H)
         best = errs_t.argmin(0)
         w = torch.stack(cands)[best, torch.arange(H)]
-        info["beta_ridge"] = [cfg.beta_ridges[i] for i in best.tolist()]
+        info["beta_ridge"] = [order[i] for i in best.tolist()]
 
     # --- values: ridge towards V[idx] on train rows, α chosen on held-out output error.
     C2 = V0
@@ -176,17 +170,19 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
                      choice, info)
 
 
-def _nnls_scaled(At, rows, lo, hi, mu, G_scale, iters):
-    """NNLS towards w = 1 with ridge ``mu·mean_eig(AᵀA)`` per head (heads have different scales)."""
-    ridge_per_head = (mu * G_scale)
-    # nnls() takes one scalar ridge; fold per-head scale in by solving each head's normal equations jointly.
-    G = torch.bmm(At.transpose(1, 2), At)
-    y = rows.float()
-    h = torch.bmm(At.transpose(1, 2), y.unsqueeze(-1)).squeeze(-1)
-    if mu > 0:
-        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-        G = G + ridge_per_head[:, None, None] * eye
-        h = h + ridge_per_head[:, None]
-    from .nnls import nnls_normal
+def _nnls_ridge_path(At, rows, lo, hi, ridges, iters):
+    """Bounded NNLS towards w = 1 for every ridge at once (stacked on the batch axis: one loop, not M).
 
-    return nnls_normal(G, h, lo, hi, iters=iters, init=torch.ones_like(h))
+    The ridge is data-scaled per head: ``mu · mean eigenvalue of AᵀA``.
+    """
+    H, n, t = At.shape
+    G = torch.bmm(At.transpose(1, 2), At)
+    h = torch.bmm(At.transpose(1, 2), rows.float().unsqueeze(-1)).squeeze(-1)
+    scale = (torch.diagonal(G, dim1=1, dim2=2).sum(-1) / t).clamp_min(1e-30)
+    mus = torch.tensor(ridges, dtype=G.dtype, device=G.device)
+    lam = (mus[:, None] * scale[None, :]).reshape(-1)  # (M·H,)
+    eye = torch.eye(t, dtype=G.dtype, device=G.device)
+    Gs = G.repeat(len(ridges), 1, 1) + lam[:, None, None] * eye
+    hs = h.repeat(len(ridges), 1) + lam[:, None]
+    w = nnls_normal(Gs, hs, lo, hi, iters=iters, init=torch.ones_like(hs))
+    return w.reshape(len(ridges), H, t).unbind(0)

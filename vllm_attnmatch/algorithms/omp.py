@@ -30,6 +30,7 @@ class OMP(Method):
     beta_bounds : box for β during selection.
     drop_beta : keys whose β falls below this are dropped and their slots refilled.
     sinks : first keys forced in.
+    recent : last keys forced in, as a fraction of the budget (the continuation leans on them).
     nnls_iters : projected-gradient iterations per NNLS solve (warm-started).
     """
 
@@ -39,6 +40,7 @@ class OMP(Method):
     beta_bounds: tuple[float, float] = (-7.0, 7.0)
     drop_beta: float = -7.0
     sinks: int = 4
+    recent: float = 0.5
     nnls_iters: int = 60
     fits = True
 
@@ -48,7 +50,8 @@ class OMP(Method):
         t = inp.target
         dev = A.device
         y = inp.targets.valid.float()
-        selected = protected_mask(T, t, self.sinks, 0, dev).expand(H, T).clone()
+        forced = protected_mask(T, t, self.sinks, int(self.recent * t), dev)
+        selected = forced.expand(H, T).clone()
         w_full = torch.zeros(H, T, device=dev)
         w_full[selected] = 1.0
         lo, hi = math.exp(self.beta_bounds[0]), math.exp(self.beta_bounds[1])
@@ -76,8 +79,7 @@ class OMP(Method):
                 w_full = self._solve(A, y, selected, w_full, lo, hi)
                 if drops < 3:
                     low = selected & (w_full < math.exp(self.drop_beta) * 1.0001)
-                    if self.sinks:
-                        low[:, : self.sinks] = False
+                    low &= ~forced
                     if low.any():
                         selected &= ~low
                         w_full[low] = 0.0
