@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {platform.system()}",
         "vllm": vllm.__version__,
     }
-    base = write(result, args, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M"))
+    base = write(result, args, "latest")
     print(base.with_suffix(".md").read_text())
     return 0
 

@@ -102,6 +102,16 @@ class Server:
                 values[m.group(1).removeprefix("vllm_attnmatch_")] = float(m.group(2))
         return values
 
+    def vllm_metrics(self) -> dict[str, float]:
+        """vLLM's own ``vllm:*`` samples, summed over label sets."""
+        values: dict[str, float] = {}
+        for line in requests.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("vllm:"):
+                name, value = line.rsplit(" ", 1)
+                name = name.split("{", 1)[0]
+                values[name] = values.get(name, 0.0) + float(value)
+        return values
+
     def wait_idle_free_blocks(self, expected: float | None = None, timeout_s: float = 60) -> float:
         """Free-block gauge once no request runs (polled: aborts land a step later)."""
         deadline = time.time() + timeout_s

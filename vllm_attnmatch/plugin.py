@@ -74,12 +74,23 @@ def register() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
-def _worker_cls() -> str:
+def _configure_platform(args: Any) -> str:
+    """Worker class for this platform; on CUDA also the attention backend and eager mode."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         return CPU_WORKER_CLS
     if current_platform.is_cuda():
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        from vllm_attnmatch.attention.triton_backend import BACKEND_PATH
+
+        if args.attention_backend not in (None, AttentionBackendEnum.CUSTOM, "CUSTOM"):
+            _refuse("--attention-backend", args.attention_backend, "β needs the plugin's Triton backend")
+        register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+        args.attention_backend = AttentionBackendEnum.CUSTOM
+        # The biased path of compacted requests runs from Python per step: no CUDA graphs yet.
+        args.enforce_eager = True
         return GPU_WORKER_CLS
     raise RuntimeError(
         f"vllm-attnmatch supports the CPU and CUDA platforms, not {current_platform.device_name!r}"
@@ -106,7 +117,7 @@ def configure_engine_args(args: Any) -> ServerConfig:
         _refuse("--decode-context-parallel-size", args.decode_context_parallel_size, "only 1 is supported")
 
     args.scheduler_cls = SCHEDULER_CLS
-    args.worker_cls = _worker_cls()
+    args.worker_cls = _configure_platform(args)
     processors = list(args.logits_processors or [])
     if VALIDATOR_CLS not in processors:
         processors.append(VALIDATOR_CLS)
@@ -117,7 +128,8 @@ def configure_engine_args(args: Any) -> ServerConfig:
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     install_collector()  # /metrics of this (front-end) process shows EngineCore's counters
     logger.info(
-        "vllm-attnmatch %s enabled (api server, pid %d): %s; async scheduling off, V1 model runner",
+        "vllm-attnmatch %s enabled (api server, pid %d): %s; async scheduling off, V1 model runner"
+        + ("" if args.worker_cls == CPU_WORKER_CLS else ", Triton attention backend, eager mode"),
         __version__,
         os.getpid(),
         server.summary(),

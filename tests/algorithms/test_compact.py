@@ -81,7 +81,8 @@ def test_beta_recovers_duplicated_mass_exactly():
     base_v = torch.randn(2, 8, 16, generator=g)
     K, V = base_k.repeat_interleave(12, 1), base_v.repeat_interleave(12, 1)
     Q = torch.randn(2, 300, 16, generator=g)
-    r = compact(K, V, Q, 8, "omp", beta_bounds=(-3.0, 3.0), sinks=0, keys_per_step=1, nnls_every=1, progressive=False)
+    r = compact(K, V, Q, 8, "omp", beta_bounds=(-3.0, 3.0), sinks=0, recent=0.0, keys_per_step=1, nnls_every=1,
+                progressive=False)
     kept_keys = {tuple(k.tolist()) for k in r.keys[0]}
     assert len(kept_keys) == 8  # one copy of each distinct key
     assert torch.allclose(r.beta, torch.full_like(r.beta, math.log(12)), atol=1e-2)

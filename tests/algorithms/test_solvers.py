@@ -119,4 +119,4 @@ def test_head_budgets_follow_shares_cap_and_keep_total(tmp_path):
     scores = torch.rand(2, 2, 100)
     scores[1, 1] *= 10
     gb = global_head_budgets(scores, t=10)
-    assert gb[1, 1] == gb.max() and abs(int(gb.sum()) - 40) <= 2
+    assert gb[1, 1] == gb.max() and 38 <= int(gb.sum()) <= 44  # every head keeps ≥ 1

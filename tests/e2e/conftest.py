@@ -1,8 +1,9 @@
 """Real vLLM OpenAI servers on the bundled model, shared by the end-to-end tests of one session.
 
-Two servers start together (startup dominates on 2 cores): ``plugin_server`` with the plugin on, and
+Three servers start together (startup dominates on 2 cores): ``plugin_server`` with the plugin on,
 ``stock_server`` with the plugin installed but no ``attnmatch`` section, which must behave exactly like
-stock vLLM. Both use identical engine flags, so their greedy tokens are comparable.
+stock vLLM, and ``tiny_pool_server`` (plugin on, a 12-block KV pool) where eviction and preemption
+happen. All use identical engine flags, so their greedy tokens are comparable.
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def _servers(model_dir):
     servers = {
-        "plugin": Server("plugin", model_dir, PLUGIN_CONFIG, ["--enforce-eager"]),
+        "plugin": Server(
+            "plugin", model_dir, PLUGIN_CONFIG, ["--enforce-eager"], {"VLLM_ATTNMATCH_FAULT_INJECTION": "1"}
+        ),
         "stock": Server("stock", model_dir, None, ["--enforce-eager"]),
+        # A pool of 12 blocks (1536 token slots): eviction and preemption happen on purpose.
+        "tiny": Server(
+            "tiny", model_dir, PLUGIN_CONFIG, ["--enforce-eager", "--num-gpu-blocks-override", "12"],
+            max_model_len=1536,
+        ),
     }
     yield servers
     for server in servers.values():
@@ -44,6 +52,11 @@ def plugin_server(_servers) -> Server:
 @pytest.fixture(scope="session")
 def stock_server(_servers) -> Server:
     return _servers["stock"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def tiny_pool_server(_servers) -> Server:
+    return _servers["tiny"].wait_ready()
 
 
 @pytest.fixture(scope="session")

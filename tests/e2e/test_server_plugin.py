@@ -7,6 +7,8 @@ import re
 import openai
 import pytest
 
+from vllm_attnmatch.launch import Server
+
 pytestmark = pytest.mark.server
 
 
@@ -66,6 +68,20 @@ def test_server_keeps_serving_after_bad_requests(plugin_server):
         _chat(plugin_server, "Hello", {"am_method": "nope"})
     reply = _chat(plugin_server, "What is the capital of France?")
     assert "Paris" in reply.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [({"ratio": 7}, "attnmatch.ratio"), ({"methd": "omp"}, "attnmatch.methd"), ({"preset": "turbo"}, "attnmatch.preset")],
+)
+def test_bad_additional_config_refuses_to_start_with_one_clear_message(model_dir, section, key):
+    server = Server("badconfig", model_dir, {"attnmatch": section}, ["--enforce-eager"])
+    try:
+        assert server.proc.wait(timeout=300) != 0
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert re.search(rf"ConfigError: {re.escape(key)}: .*allowed", log), log[-2000:]
 
 
 def test_metrics_are_exported(plugin_server):

@@ -122,12 +122,15 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
     ones_w = torch.ones(H, t, device=idx.device)
     lo, hi = math.exp(cfg.beta_bounds[0]), math.exp(cfg.beta_bounds[1])
 
-    def out_err(w, C2, rows):
-        X = _softmax_rows(s_k + torch.log(w).unsqueeze(1))
+    def design(w):
+        return _softmax_rows(s_k + torch.log(w).unsqueeze(1))
+
+    def out_err(X, C2, rows):
         return relative_output_error(torch.bmm(X, C2), targets.output, rows)
 
+    X1 = design(ones_w)
     plain_mass = _mass_error(A, ones_w, held)
-    plain_out = out_err(ones_w, V0, held)
+    plain_out = out_err(X1, V0, held)
     info: dict = {}
 
     # --- β: bounded NNLS on train rows, ridge towards w = 1 chosen on held-out mass error.
@@ -145,8 +148,8 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
 
     # --- values: ridge towards V[idx] on train rows, α chosen on held-out output error.
     C2 = V0
+    X = design(w) if cfg.fit_beta else X1
     if cfg.fit_values:
-        X = _softmax_rows(s_k + torch.log(w).unsqueeze(1))
         tw = train.unsqueeze(-1).float()
         path = ridge_path(X * tw, targets.output * tw, V0, cfg.value_alphas)
         vmax = values.float().abs().amax(dim=(1, 2)).clamp_min(1e-6)[:, None, None] * cfg.value_clip
@@ -158,7 +161,7 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
 
     # --- gate: plain (0), β only (1), β + values (2); lowest held-out combined error wins per head.
     options = [(ones_w, V0), (w, V0), (w, C2)]
-    outs = torch.stack([out_err(wi, ci, held) for wi, ci in options])
+    outs = torch.stack([out_err(Xi, ci, held) for Xi, (wi, ci) in zip((X1, X, X), options)])
     masses = torch.stack([_mass_error(A, wi, held) for wi, _ in options])
     score = outs + cfg.mass_weight * masses
     choice = score.argmin(0) if cfg.gate else torch.full((H,), 2, dtype=torch.long, device=idx.device)

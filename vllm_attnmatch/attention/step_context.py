@@ -35,6 +35,11 @@ class StepContext:
     capture: dict[str, CaptureRows] = field(default_factory=dict)
     # batch indices (rows of the attention metadata) of compacted requests: attention adds β for them
     biased_batch_rows: list[int] = field(default_factory=list)
+    # the same as tensors for batched kernels: rows, their token indices, their cu_seqlens (CPU)
+    biased_rows_tensor: torch.Tensor | None = None
+    biased_token_index: torch.Tensor | None = None
+    biased_cu_seqlens: torch.Tensor | None = None
+    biased_max_query_len: int = 0
     # layer name -> β side tensor of that layer (layout chosen by the runner's KV layout)
     bias: dict[str, torch.Tensor] = field(default_factory=dict)
     # req_id -> layer name -> list of captured query chunks (n_i, H_q, d)
@@ -51,9 +56,18 @@ class StepContext:
             per_layer = self.captured_queries.setdefault(req_id, {})
             per_layer.setdefault(layer_name, []).append(query[index].detach().float().clone())
 
-    def begin_step(self, capture: dict[str, CaptureRows], biased_batch_rows: list[int]) -> None:
+    def begin_step(
+        self, capture: dict[str, CaptureRows], biased_batch_rows: list[int], query_starts: list[int] | None = None
+    ) -> None:
         self.capture = capture
         self.biased_batch_rows = biased_batch_rows
+        if biased_batch_rows and query_starts is not None:
+            spans = [(query_starts[r], query_starts[r + 1]) for r in biased_batch_rows]
+            lengths = [end - start for start, end in spans]
+            self.biased_rows_tensor = torch.tensor(biased_batch_rows, dtype=torch.long)
+            self.biased_token_index = torch.cat([torch.arange(s, e) for s, e in spans])
+            self.biased_cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            self.biased_max_query_len = max(lengths)
         for req_id, rows in capture.items():
             _, positions = rows.selected()
             if positions.numel():

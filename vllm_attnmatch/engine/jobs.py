@@ -105,6 +105,14 @@ class CompactionJob:
     queries: str
     chunk_tokens: int | None
     options: dict[str, Any] = field(default_factory=dict)
+    # Test-only fault to inject on the worker (see FAULT_INJECTION_ENV); None in production.
+    fault: str | None = None
+
+
+#: When set to 1 in the server's environment, a request's ``extra_args["attnmatch_fault"]`` (one of
+#: FAULTS) makes its compaction fail on the worker: how the tests prove that failures are contained.
+FAULT_INJECTION_ENV = "VLLM_ATTNMATCH_FAULT_INJECTION"
+FAULTS = ("solver", "nonfinite", "oom")
 
 
 @dataclass

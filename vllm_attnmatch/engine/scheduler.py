@@ -10,6 +10,7 @@ are never touched.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from vllm.logger import init_logger
@@ -25,6 +26,8 @@ from vllm_attnmatch.config import (
     server_config_from,
 )
 from vllm_attnmatch.engine.jobs import (
+    FAULT_INJECTION_ENV,
+    FAULTS,
     RUNNER_OUTPUT_ATTR,
     CompactionLayout,
     SCHEDULER_OUTPUT_ATTR,
@@ -211,9 +214,17 @@ class AttnMatchScheduler(Scheduler):
             queries=params.queries,
             chunk_tokens=params.chunk_tokens,
             options=dict(self.attnmatch.algorithm),
+            fault=self._injected_fault(request),
         )
         self._am_pending_jobs[request.request_id] = (job, dst)
         return job
+
+    @staticmethod
+    def _injected_fault(request) -> str | None:
+        if os.environ.get(FAULT_INJECTION_ENV) != "1":
+            return None
+        fault = (request.sampling_params.extra_args or {}).get("attnmatch_fault")
+        return fault if fault in FAULTS else None
 
     # -- booking -----------------------------------------------------------------------------------
 

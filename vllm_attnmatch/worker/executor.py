@@ -46,6 +46,16 @@ class NonFiniteCompaction(RuntimeError):
     pass
 
 
+def _inject(fault: str | None, result) -> None:
+    """Test-only faults (the scheduler sets ``job.fault`` only when fault injection is enabled)."""
+    if fault == "solver":
+        raise RuntimeError("injected solver error")
+    if fault == "oom":
+        raise torch.OutOfMemoryError("injected out of memory while compacting")
+    if fault == "nonfinite":
+        result.values[..., 0] = float("nan")
+
+
 def compact_layer(
     job: CompactionJob,
     keys: torch.Tensor,
@@ -78,6 +88,7 @@ def compact_layer(
         result = compact_chunked(span_k, span_v, pooled, layout.target, job.chunk_tokens, job.method, **kwargs)
     else:
         result = compact(span_k, span_v, pooled, layout.target, method=job.method, **kwargs)
+    _inject(job.fault, result)
     for name in ("keys", "values", "beta"):
         if not torch.isfinite(getattr(result, name)).all():
             raise NonFiniteCompaction(f"non-finite {name} in the compacted cache")

@@ -116,7 +116,7 @@ class AttnMatchRunnerMixin:
             first = int(self.input_batch.num_computed_tokens_cpu[row])
             capture[req_id] = CaptureRows(starts[row], starts[row + 1], first, stride)
         biased = [i for i, r in enumerate(req_ids) if r in plan.offsets]
-        ctx.begin_step(capture, biased)
+        ctx.begin_step(capture, biased, starts)
         return result
 
     def execute_model(self, scheduler_output, *args, **kwargs):

@@ -1,0 +1,67 @@
+"""Under a tiny KV pool: compacted prefixes are evicted and recomputed, requests are preempted and
+resumed, and nothing leaks or crosses between requests."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.server
+
+
+def _complete(server, prompt, xargs=None, max_tokens=12, **extra):
+    body = dict(extra)
+    if xargs:
+        body["vllm_xargs"] = xargs
+    return server.client().completions.create(
+        model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=body or None
+    ).choices[0].text
+
+
+def test_compacted_prefixes_are_evicted_and_recomputed_without_leaks(tiny_pool_server, tokenizer, document):
+    server = tiny_pool_server
+    total = server.metrics()["kv_total_blocks"]
+    assert server.wait_idle_free_blocks(expected=total) == total
+    doc = tokenizer(document)["input_ids"][:512]
+    question = tokenizer("\n\nQuestion: what is this text about?\nAnswer:")["input_ids"]
+    first = _complete(server, doc + question, {"am_ratio": 0.1})
+    hits = server.metrics()["prefix_hits"]
+    assert _complete(server, doc + question, {"am_ratio": 0.1}) == first
+    assert server.metrics()["prefix_hits"] == hits + 1
+    # Other long prompts cycle the 12-block pool and evict the stored compacted prefix.
+    text = (document * 3)[3000:]
+    for start in (0, 1500, 3000):
+        _complete(server, tokenizer.decode(tokenizer(text[start:])["input_ids"][:1000]), max_tokens=2)
+    compactions = server.metrics()["compactions"]
+    assert _complete(server, doc + question, {"am_ratio": 0.1}) == first
+    assert server.metrics()["compactions"] == compactions + 1  # recomputed, not reused
+    assert server.wait_idle_free_blocks(expected=total) == total
+
+
+def test_preemption_storm_keeps_uncompacted_requests_exact_and_frees_everything(tiny_pool_server, stock_server, document):
+    server = tiny_pool_server
+    total = server.metrics()["kv_total_blocks"]
+    prompts = [document[i * 400 : i * 400 + 2200] for i in range(4)]
+    expected = {i: _complete(stock_server, p, max_tokens=60, ignore_eos=True) for i, p in enumerate(prompts) if i % 2}
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(i, prompt):
+        try:
+            xargs = {"am_ratio": 0.2} if i % 2 == 0 else None
+            results[i] = _complete(server, prompt, xargs, max_tokens=60, ignore_eos=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    preemptions = server.vllm_metrics().get("vllm:num_preemptions_total", 0.0)
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # Four ~500-token requests growing past a block boundary do not fit 12 blocks at once.
+    assert server.vllm_metrics()["vllm:num_preemptions_total"] > preemptions
+    assert {i: results[i] for i in expected} == expected
+    assert server.wait_idle_free_blocks(expected=total) == total
