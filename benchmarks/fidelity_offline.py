@@ -222,7 +222,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sources", nargs="+", default=["context", "repeat"], choices=["context", "repeat"])
     ap.add_argument("--options", default="{}", help="JSON options passed to compact() for AM methods")
     ap.add_argument("--prefix", default="offline_fidelity", help="output file stem in benchmarks/results/")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 by default: on a shared 2-core machine 2 threads spin against other "
+                         "jobs and ran 10x slower")
     ap.add_argument("--timing", type=int, nargs="*", metavar="T",
                     help="only time compaction of all layers at these context lengths (ratio = first --ratios)")
     args = ap.parse_args(argv)
@@ -267,16 +269,23 @@ def main(argv=None) -> None:
                         row = run_one(w, m, r, s, am_options if m not in BASELINES else None)
                         reuse[(m, r)] = row
                     rows.append(row)
+                    write(rows, argv, args.prefix, png=False)
                     bar.set_postfix_str(f"{w.name} {s} {m} r={r} kl={row['kl']:.3f}")
                     bar.update()
     bar.close()
+    print(write(rows, argv, args.prefix, png=True))
+
+
+def write(rows, argv, prefix, png: bool) -> str:
     meta = stamp(["benchmarks/fidelity_offline.py", *argv])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.prefix
+    out = RESULTS / prefix
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, out.with_suffix(".png"))
-    print(markdown(rows, meta))
+    md = markdown(rows, meta)
+    out.with_suffix(".md").write_text(md)
+    if png:
+        plot(rows, out.with_suffix(".png"))
+    return md
 
 
 if __name__ == "__main__":
