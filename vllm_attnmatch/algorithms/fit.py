@@ -43,13 +43,14 @@ class FitConfig:
     fit_beta: bool = True
     fit_values: bool = True
     beta_bounds: tuple[float, float] = (-3.0, 3.0)
-    beta_ridges: tuple[float, ...] = (0.0, 1e-2, 1e-1, 1.0, INF)
+    beta_ridges: tuple[float, ...] = (0.0, INF)
     value_alphas: tuple[float, ...] = DEFAULT_ALPHAS
     heldout_fraction: float = 0.25
     gate: bool = True
     value_clip: float = 2.0
     mass_weight: float = 1.0
-    nnls_iters: int = 60
+    nnls_iters: int = 150
+    nnls_warm_start: bool = False
     heldout: str = "latest"
     fit_from: float = 0.5
 
@@ -138,7 +139,7 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
     if cfg.fit_beta:
         At = A * train.unsqueeze(-1)
         finite = [mu for mu in cfg.beta_ridges if mu != INF]
-        cands = list(_nnls_ridge_path(At, train, lo, hi, finite, cfg.nnls_iters)) if finite else []
+        cands = list(_nnls_ridge_path(At, train, lo, hi, finite, cfg.nnls_iters, cfg.nnls_warm_start)) if finite else []
         cands += [ones_w for mu in cfg.beta_ridges if mu == INF]
         order = finite + [mu for mu in cfg.beta_ridges if mu == INF]
         errs_t = torch.stack([_mass_error(A, w_mu, held) for w_mu in cands])  # (M,H)
@@ -173,7 +174,7 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
                      choice, info)
 
 
-def _nnls_ridge_path(At, rows, lo, hi, ridges, iters):
+def _nnls_ridge_path(At, rows, lo, hi, ridges, iters, warm_start=True):
     """Bounded NNLS towards w = 1 for every ridge at once (stacked on the batch axis: one loop, not M).
 
     The ridge is data-scaled per head: ``mu · mean eigenvalue of AᵀA``.
@@ -193,5 +194,7 @@ def _nnls_ridge_path(At, rows, lo, hi, ridges, iters):
     L, info = torch.linalg.cholesky_ex(Gs + jitter)
     init = torch.cholesky_solve(hs.unsqueeze(-1), L).squeeze(-1)
     init = torch.where(torch.isfinite(init) & (info == 0)[:, None], init, torch.ones_like(init)).clamp(lo, hi)
+    if not warm_start:
+        init = torch.ones_like(hs)
     w = nnls_normal(Gs, hs, lo, hi, iters=iters, init=init)
     return w.reshape(len(ridges), H, t).unbind(0)

@@ -82,6 +82,7 @@ class AttnMatchScheduler(Scheduler):
             )
         engine_index = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
         self.am_stats = CompactionStats(engine_index)
+        self._publish_pool_stats()
         logger.info(
             "vllm-attnmatch %s active (engine core): %s; block_size=%d",
             __version__,
@@ -235,11 +236,14 @@ class AttnMatchScheduler(Scheduler):
             results = {r.req_id: r for r in getattr(model_runner_output, RUNNER_OUTPUT_ATTR, None) or ()}
             for job in plan.jobs:
                 self._book(job, results.get(job.req_id))
+        self._publish_pool_stats()
+        return outputs
+
+    def _publish_pool_stats(self) -> None:
         pool = self.kv_cache_manager.block_pool
         self.am_stats.set("kv_free_blocks", pool.get_num_free_blocks())
         self.am_stats.set("kv_total_blocks", pool.num_gpu_blocks - 1)  # minus the null block
         self.am_stats.flush()
-        return outputs
 
     def _book(self, job: CompactionJob, result: CompactionResult | None) -> None:
         _, dst = self._am_pending_jobs.pop(job.req_id)
