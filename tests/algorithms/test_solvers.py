@@ -120,3 +120,15 @@ def test_head_budgets_follow_shares_cap_and_keep_total(tmp_path):
     scores[1, 1] *= 10
     gb = global_head_budgets(scores, t=10)
     assert gb[1, 1] == gb.max() and 38 <= int(gb.sum()) <= 44  # every head keeps ≥ 1
+
+
+def test_query_gap_hides_the_nearest_keys():
+    pos = torch.arange(8)
+    vis = visibility(pos, pos, gap=3)
+    assert vis[5].tolist() == [True, True, True, False, False, False, False, False]
+    assert not vis[:3].any()  # the first queries see nothing and drop out of the fit
+    g = torch.Generator().manual_seed(11)
+    K, V, Q = (torch.randn(1, 8, 4, generator=g) for _ in range(3))
+    tg = compute_targets(K, V, Q, 0.5, visible=vis)
+    assert tg.valid[0].tolist() == [False] * 3 + [True] * 5
+    assert torch.allclose(tg.output[0, 3], V[0, 0], atol=1e-6)  # query 3 only sees key 0

@@ -29,11 +29,16 @@ class FitConfig:
     fit_beta, fit_values : fit β by bounded NNLS / values by ridge least squares (else β = 0, V[idx]).
     beta_bounds : box for β (log-mass weight); keeps β storable and plausible.
     beta_ridges : data-scaled ridge strengths towards β = 0 tried on held-out queries (inf = no β).
+        Default (0, inf): with the early-stopped solver below, intermediate ridges changed nothing measurable.
     value_alphas : data-scaled ridge strengths towards V[idx] tried on held-out queries (inf = V[idx]).
     heldout_fraction : share of reference queries held out for the selections and the gate.
     gate : per head, keep the fitted β/values only if they beat the plain kept entries on held-out queries.
     value_clip : |C2| ≤ value_clip · max|V| of the head (a last guard; bf16-safe).
     mass_weight : weight of the held-out log-mass error next to the relative output error in the gate.
+    nnls_iters, nnls_warm_start : projected-gradient (FISTA) steps for β, started from β = 0 (cold) or from
+        the clamped unconstrained solution (warm). Cold + 150 steps is *early-stopped* NNLS: it regularises
+        towards β = 0 along the poorly determined directions, and it transferred to the continuation far
+        better than the converged solution (continuation KL at ratio 0.1 on GPL-3: 0.096 vs 0.140).
     heldout : ``latest`` holds out the queries at the latest positions (they resemble what follows the
         context best), ``random`` a random subset; ``latest`` needs query positions, else random.
     fit_from : fit and gate only with queries whose position is at or after this quantile of positions
