@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 import re
 import threading
-import time
-from pathlib import Path
 
 import pytest
 import torch

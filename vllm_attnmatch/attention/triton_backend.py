@@ -10,46 +10,28 @@ Not exercised by CI (no GPU there); see the README's tested-scope section.
 from __future__ import annotations
 
 from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_attnmatch.attention.common import AttnMatchBackendMixin, AttnMatchImplMixin
 from vllm_attnmatch.attention.step_context import StepContext
-from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionSpec
 from vllm_attnmatch.kernels import paged_attention_with_bias
 
 BACKEND_PATH = "vllm_attnmatch.attention.triton_backend.AttnMatchTritonAttentionBackend"
 
 
-class AttnMatchTritonAttentionBackend(TritonAttentionBackend):
-    @classmethod
-    def customize_spec(cls, spec):
-        spec = super().customize_spec(spec)
-        if type(spec) is FullAttentionSpec:
-            spec = AttnMatchFullAttentionSpec.from_spec(spec)
-        return spec
-
+class AttnMatchTritonAttentionBackend(AttnMatchBackendMixin, TritonAttentionBackend):
     @staticmethod
     def get_impl_cls():
         return AttnMatchTritonAttentionImpl
 
 
-class AttnMatchTritonAttentionImpl(TritonAttentionImpl):
-    attnmatch: StepContext | None = None
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        ctx = self.attnmatch
-        if ctx is None or attn_metadata is None:
-            return output
-        if ctx.capture:
-            ctx.record_queries(layer.layer_name, query)
-        if ctx.biased_batch_rows:
-            tokens, out = biased_rows_attention(
-                ctx, query, kv_cache, ctx.bias[layer.layer_name], attn_metadata.block_table,
-                attn_metadata.seq_lens, self.head_size, self.scale,
-            )
-            shaped = output.view(output.shape[0], -1, self.head_size) if output.dim() == 2 else output
-            shaped.index_copy_(0, tokens, out.to(output.dtype))
-        return output
+class AttnMatchTritonAttentionImpl(AttnMatchImplMixin, TritonAttentionImpl):
+    def attend_biased_rows(self, ctx, layer, query, kv_cache, attn_metadata, output) -> None:
+        tokens, out = biased_rows_attention(
+            ctx, query, kv_cache, ctx.bias[layer.layer_name], attn_metadata.block_table,
+            attn_metadata.seq_lens, self.head_size, self.scale,
+        )
+        shaped = output.view(output.shape[0], -1, self.head_size) if output.dim() == 2 else output
+        shaped.index_copy_(0, tokens, out.to(output.dtype))
 
 
 def biased_rows_attention(ctx: StepContext, query, kv_cache, bias, block_table, seq_lens, head_size, scale):

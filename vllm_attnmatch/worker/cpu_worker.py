@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from vllm import _custom_ops as ops
-from vllm.logger import init_logger
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_attnmatch import __version__
 from vllm_attnmatch.attention import cpu_paged
 from vllm_attnmatch.attention.cpu_backend import BACKEND_PATH
-from vllm_attnmatch.config import ServerConfig, server_config_from
-from vllm_attnmatch.worker.runner import AttnMatchRunnerMixin
-
-logger = init_logger("vllm.attnmatch.worker")
+from vllm_attnmatch.worker.executor import LayerPagedKV
+from vllm_attnmatch.worker.runner import AttnMatchRunnerMixin, log_worker_start
 
 
-class CPUPagedKV:
+class CPUPagedKV(LayerPagedKV):
     """The CPU_ATTN layout (see :mod:`cpu_paged`); writes go through vLLM's own cache op so the
     in-block packing is always the kernel's."""
-
-    def __init__(self, runner: CPUModelRunner, layer_names: list[str], bias: dict[str, torch.Tensor]):
-        self._layers = {name: runner.compilation_config.static_forward_context[name] for name in layer_names}
-        self._bias = bias
-
-    def layer_names(self) -> list[str]:
-        return list(self._layers)
-
-    def scale(self, layer: str) -> float:
-        return float(self._layers[layer].impl.scale)
 
     def gather(self, layer, block_ids, length):
         return cpu_paged.gather_kv(self._layers[layer].kv_cache, block_ids, length)
@@ -68,11 +52,7 @@ class AttnMatchCPUModelRunner(AttnMatchRunnerMixin, CPUModelRunner):
         for name in layer_names:
             num_blocks, num_heads, block_size, _ = forward_context[name].kv_cache.shape
             bias[name] = torch.zeros(num_blocks, num_heads, block_size, dtype=torch.float32)
-        return CPUPagedKV(self, layer_names, bias), bias
-
-
-def _settings(vllm_config) -> ServerConfig:
-    return server_config_from(vllm_config.additional_config) or ServerConfig()
+        return CPUPagedKV(forward_context, layer_names, bias), bias
 
 
 class AttnMatchCPUWorker(CPUWorker):
@@ -80,13 +60,7 @@ class AttnMatchCPUWorker(CPUWorker):
         super().__init__(*args, **kwargs)
         # Before the model is built, so its attention layers pick our backend subclass.
         register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
-        logger.info(
-            "vllm-attnmatch %s active (worker rank %d, pid %d): %s",
-            __version__,
-            self.rank,
-            os.getpid(),
-            _settings(self.vllm_config).summary(),
-        )
+        log_worker_start(self)
 
     def init_device(self):
         import vllm.v1.worker.cpu_worker as cpu_worker_module

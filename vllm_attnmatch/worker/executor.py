@@ -35,6 +35,20 @@ class PagedKV(Protocol):
     def scale(self, layer: str) -> float: ...
 
 
+class LayerPagedKV:
+    """Common part of the layout adapters: the model's attention layers and the β side tensors."""
+
+    def __init__(self, forward_context: dict, layer_names: list[str], bias: dict[str, torch.Tensor]):
+        self._layers = {name: forward_context[name] for name in layer_names}
+        self._bias = bias
+
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def scale(self, layer: str) -> float:
+        return float(self._layers[layer].impl.scale)
+
+
 def pool_queries(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """(n, H_q, d) query rows → (H_kv, n·G, d): the G query heads of a KV head become extra rows."""
     n, num_q_heads, head_dim = queries.shape

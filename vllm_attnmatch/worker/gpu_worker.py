@@ -5,35 +5,19 @@ Not exercised by CI (no GPU there); the kernels it calls are tested against thei
 
 from __future__ import annotations
 
-import os
-
 import torch
-from vllm.logger import init_logger
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from vllm_attnmatch import __version__
 from vllm_attnmatch.attention.triton_backend import BACKEND_PATH
-from vllm_attnmatch.config import ServerConfig, server_config_from
 from vllm_attnmatch.kernels import gather_paged_kv, scatter_paged_kv
-from vllm_attnmatch.worker.runner import AttnMatchRunnerMixin
+from vllm_attnmatch.worker.executor import LayerPagedKV
+from vllm_attnmatch.worker.runner import AttnMatchRunnerMixin, log_worker_start
 
-logger = init_logger("vllm.attnmatch.worker")
 
-
-class GPUPagedKV:
+class GPUPagedKV(LayerPagedKV):
     """The TRITON_ATTN layout: a layer's ``[blocks, H, bs, 2d]`` cache viewed as K/V ``[blocks, bs, H, d]``."""
-
-    def __init__(self, runner: GPUModelRunner, layer_names: list[str], bias: dict[str, torch.Tensor]):
-        self._layers = {name: runner.compilation_config.static_forward_context[name] for name in layer_names}
-        self._bias = bias
-
-    def layer_names(self) -> list[str]:
-        return list(self._layers)
-
-    def scale(self, layer: str) -> float:
-        return float(self._layers[layer].impl.scale)
 
     def _caches(self, layer: str):
         attn = self._layers[layer]
@@ -60,21 +44,14 @@ class AttnMatchGPUModelRunner(AttnMatchRunnerMixin, GPUModelRunner):
         for name in layer_names:
             num_blocks, num_heads, block_size, _ = forward_context[name].kv_cache.shape
             bias[name] = torch.zeros(num_blocks, num_heads, block_size, dtype=torch.float32, device=self.device)
-        return GPUPagedKV(self, layer_names, bias), bias
+        return GPUPagedKV(forward_context, layer_names, bias), bias
 
 
 class AttnMatchGPUWorker(Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
-        settings = server_config_from(self.vllm_config.additional_config) or ServerConfig()
-        logger.info(
-            "vllm-attnmatch %s active (worker rank %d, pid %d): %s",
-            __version__,
-            self.rank,
-            os.getpid(),
-            settings.summary(),
-        )
+        log_worker_start(self)
 
     def _make_model_runner(self):
         return AttnMatchGPUModelRunner(self.vllm_config, self.device)

@@ -25,6 +25,19 @@ from vllm_attnmatch.worker.executor import PagedKV, run_job
 logger = init_logger("vllm.attnmatch.runner")
 
 
+def log_worker_start(worker) -> None:
+    """The worker's own start-up line (tests read it to prove the plugin runs in the worker process)."""
+    import os
+
+    from vllm_attnmatch import __version__
+    from vllm_attnmatch.config import ServerConfig, server_config_from
+
+    settings = server_config_from(worker.vllm_config.additional_config) or ServerConfig()
+    logger.info(
+        "vllm-attnmatch %s active (worker rank %d, pid %d): %s", __version__, worker.rank, os.getpid(), settings.summary()
+    )
+
+
 class AttnMatchRunnerMixin:
     """Mixed in front of ``GPUModelRunner`` / ``CPUModelRunner``; subclasses supply ``_make_paged_kv``."""
 
