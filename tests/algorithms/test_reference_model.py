@@ -17,12 +17,16 @@ TEXT = Path("/usr/share/common-licenses/GPL-3")
 def setup():
     from vllm_attnmatch.model import ensure_model
 
+    # One thread: on a shared 2-core box two spinning OpenMP threads ran these tests ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     folder = ensure_model()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(TEXT.read_text())["input_ids"]
-    return folder, ReferenceLlama.from_pretrained(folder), ids
+    yield folder, ReferenceLlama.from_pretrained(folder), ids
+    torch.set_num_threads(threads)
 
 
 def test_reference_forward_matches_transformers(setup):
@@ -73,9 +77,9 @@ def test_beta_shifts_attention_like_duplicated_keys(setup):
     assert (a - plain).abs().max() > 1e-3
 
 
-def test_default_attention_matching_beats_truncate_and_random(setup):
+def test_default_attention_matching_beats_eviction_on_continuation_kl(setup):
     _, model, ids = setup
-    T, C = 256, 48
+    T, C = 384, 48
     doc, cont = ids[:T], ids[T:T + C]
     _, cache, qs = model.prefill(doc)
     full = F.log_softmax(model.forward(cont, [kv.clone() for kv in cache], T), -1)
@@ -91,5 +95,6 @@ def test_default_attention_matching_beats_truncate_and_random(setup):
         logp = F.log_softmax(model.forward(cont, comp, T), -1)
         return float((full.exp() * (full - logp)).sum(-1).mean())
 
-    am, trunc, rnd = kl("highest_attention"), kl("truncate"), kl("random")
+    am, trunc, rnd, h2o = kl("highest_attention"), kl("truncate"), kl("random"), kl("h2o")
     assert am < 0.7 * min(trunc, rnd), (am, trunc, rnd)
+    assert am < 0.9 * h2o, (am, h2o)  # measured 0.198 vs 0.287
