@@ -102,12 +102,12 @@ def run_mode(args, tokenizer, doc, mode, run_id) -> dict:
     after = _counters(args.url)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     prompt = delta["vllm:prompt_tokens_total"]
-    prefilled = prompt - delta["vllm:prefix_cache_hits_total"] - delta.get("vllm_attnmatch_prefill_tokens_saved", 0.0)
+    prefilled = prompt - delta["vllm:prefix_cache_hits_total"] - delta.get("vllm_attnmatch_prefill_tokens_saved_total", 0.0)
     return {
         "mode": mode,
         "prompt_tokens": prompt,
         "prefilled_tokens": prefilled,
-        "compactions": delta.get("vllm_attnmatch_compactions", 0.0),
+        "compactions": delta.get("vllm_attnmatch_compactions_total", 0.0),
         "ttft_total_s": sum(ttfts),
         "ttft_first_s": ttfts[0],
         "ttft_rest_mean_s": sum(ttfts[1:]) / max(1, len(ttfts) - 1),

@@ -93,3 +93,16 @@ def test_requests_without_am_keys_never_receive_compacted_blocks(plugin_server, 
     assert plugin_server.metrics()["prefix_hits"] == hits
     stock, _ = _ask(stock_server, doc + q1)
     assert plain == stock
+
+
+def test_a_longer_question_still_reuses_the_documents_compaction(plugin_server, doc_and_questions):
+    doc, (q1, q2) = doc_and_questions
+    salt = "longer-question"
+    _ask(plugin_server, doc + q1, {"am_ratio": 0.2}, cache_salt=salt)
+    long_question = (q2 * 8)[:200]  # its own compactable span would reach into the question
+    before = plugin_server.metrics()
+    _ask(plugin_server, doc + long_question, {"am_ratio": 0.2}, cache_salt=salt)
+    after = plugin_server.metrics()
+    assert after["prefix_hits"] == before["prefix_hits"] + 1
+    assert after["prefill_tokens_saved"] == before["prefill_tokens_saved"] + DOC_TOKENS
+    assert after["compactions"] == before["compactions"]

@@ -20,7 +20,7 @@ logical position to find their physical slot; their RoPE position stays logical.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm_attnmatch.algorithms.budgets import budget
@@ -81,14 +81,20 @@ def plan_layout(
     """
     keep_first = min(keep_first, prompt_tokens)
     span_end = (prompt_tokens - max(keep_last, 1)) // block_size * block_size
-    span = span_end - keep_first
-    if span < max(1, min_span_tokens):
+    if span_end - keep_first < max(1, min_span_tokens):
         return None
-    target = budget(span, ratio, target_tokens)
+    layout = layout_for_span(span_end, keep_first, ratio, target_tokens, block_size)
+    return layout if num_tokens is None else replace(layout, num_tokens=num_tokens)
+
+
+def layout_for_span(
+    span_end: int, keep_first: int, ratio: float | None, target_tokens: int | None, block_size: int
+) -> CompactionLayout:
+    """The layout that compacts ``[keep_first, span_end)`` (block-aligned ``span_end``), right after it
+    is prefilled. Also how a request looks up shorter stored prefixes than its own."""
+    target = budget(span_end - keep_first, ratio, target_tokens)
     pad = cdiv(keep_first + target, block_size) * block_size - keep_first - target
-    if num_tokens is None:
-        num_tokens = span_end
-    return CompactionLayout(num_tokens=num_tokens, keep_first=keep_first, span_end=span_end, target=target, pad=pad)
+    return CompactionLayout(num_tokens=span_end, keep_first=keep_first, span_end=span_end, target=target, pad=pad)
 
 
 @dataclass(frozen=True)

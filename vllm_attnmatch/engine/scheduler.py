@@ -35,6 +35,7 @@ from vllm_attnmatch.engine.jobs import (
     CompactionResult,
     StepPlan,
     cdiv,
+    layout_for_span,
     plan_layout,
 )
 from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionManager, register_kv_cache_spec
@@ -135,20 +136,36 @@ class AttnMatchScheduler(Scheduler):
             return super()._get_local_prefix_cache_hit(request)
         self.am_manager.offsets.pop(request.request_id, None)
         state.compacted_in_life = None
-        layout = state.layout
-        state.prefix_key = self._am_store.prefix_key(request, layout, state.params.cache_key())
-        blocks = None
-        if state.prefix_key is not None:
-            blocks = self._am_store.lookup(state.prefix_key, layout.prefix_physical_len // self.block_size)
-        if blocks is None:
+        state.prefix_key = self._am_store.prefix_key(request, state.layout, state.params.cache_key())
+        hit = self._find_stored_prefix(request, state)
+        if hit is None:
             self.am_stats.add("prefix_misses")
             return super()._get_local_prefix_cache_hit(request)  # empty: reads are skipped
+        layout, blocks = hit
         self.am_stats.add("prefix_hits")
         self.am_stats.add("prefill_tokens_saved", layout.span_end)
         self.am_manager.offsets[request.request_id] = layout.offset
         state.compacted_in_life = request.num_preemptions
         self._am_hit_block_ids.extend(b.block_id for b in blocks)
         return self.kv_cache_manager.create_kv_cache_blocks((blocks,)), layout.span_end, 0, False
+
+    def _find_stored_prefix(self, request, state: RequestCompaction):
+        """The longest stored compaction of a block-aligned prefix of this prompt, with this request's
+        parameters and a span no longer than its own: questions of different lengths after the same
+        document still share the document's compaction."""
+        params, own = state.params, state.layout
+        min_end = own.keep_first + max(1, self.attnmatch.min_prompt_tokens)
+        for span_end in range(own.span_end, min_end - 1, -self.block_size):
+            layout = own if span_end == own.span_end else layout_for_span(
+                span_end, own.keep_first, params.ratio, params.target_tokens, self.block_size
+            )
+            key = state.prefix_key if layout is own else self._am_store.prefix_key(request, layout, params.cache_key())
+            if key is None:
+                continue
+            blocks = self._am_store.lookup(key, layout.prefix_physical_len // self.block_size)
+            if blocks is not None:
+                return layout, blocks
+        return None
 
     # -- planning ----------------------------------------------------------------------------------
 
