@@ -188,7 +188,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def timing(model, tok, text: str, T: int, ratio: float, methods, repeats: int = 1) -> dict:
+def timing(model, tok, text: str, T: int, ratio: float, methods, options: dict | None = None, repeats: int = 1) -> dict:
     """Seconds to compact all layers at ``T`` tokens next to the prefill of those tokens."""
     path = Path(text) if os.path.sep in text else LICENSES / text
     ids = tok(path.read_text())["input_ids"][:T]
@@ -204,7 +204,7 @@ def timing(model, tok, text: str, T: int, ratio: float, methods, repeats: int = 
             t0 = time.perf_counter()
             for kv, (q, qp) in zip(cache, grouped):
                 compact(kv.keys, kv.values, q, budget(len(ids), ratio=ratio), m, query_positions=qp,
-                        key_positions=torch.arange(len(ids)))
+                        key_positions=torch.arange(len(ids)), **(options if m not in BASELINES else {}))
             best = min(best, time.perf_counter() - t0)
         out["methods"][m] = {"compact_s": best, "share_of_prefill": best / prefill_s}
     return out
@@ -240,10 +240,13 @@ def main(argv=None) -> None:
     am_options = json.loads(args.options)
     if args.timing is not None:
         meta = stamp(["benchmarks/fidelity_offline.py", *argv])
-        res = [timing(model, tok, args.texts[0], T, args.ratios[0], args.methods) for T in (args.timing or [1024, 4096])]
+        res = [timing(model, tok, args.texts[0], T, args.ratios[0], args.methods, am_options)
+               for T in (args.timing or [1024, 4096])]
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{args.prefix}.json").write_text(json.dumps({"meta": meta, "timing": res}, indent=1))
         lines = [f"# Compaction time, all {model.num_layers} layers ({meta['utc']})", "", f"Command: `{meta['command']}`  ",
+                 f"AM options: `{json.dumps(am_options)}` (defaults where empty). Prefill = the reference torch "
+                 "forward of the same tokens, same threads.  ",
                  f"Machine: {meta['machine']} ({meta['cpu_count']} CPUs, {meta['torch_threads']} threads; shared, "
                  "other jobs were running)", "", "| T | ratio | prefill s | method | compact s | share of prefill |",
                  "|---|---|---|---|---|---|"]

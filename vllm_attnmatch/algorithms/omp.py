@@ -40,7 +40,7 @@ class OMP(Method):
     beta_bounds: tuple[float, float] = (-7.0, 7.0)
     drop_beta: float = -7.0
     sinks: int = 4
-    recent: float = 0.5
+    recent: float = 0.65
     nnls_iters: int = 60
     fits = True
 
