@@ -183,3 +183,13 @@ def test_per_head_budgets_pad_and_report_lengths():
     alone = compact(K[1:2], V[1:2], Q[1:2], 12)
     assert torch.equal(alone.indices[0], r.indices[1, :12])
     assert sum(budgets) >= 30
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_matches_device_and_stays_finite(method):
+    K, V, Q = (x.cuda() for x in _data(12))
+    pos = torch.arange(96, device="cuda")
+    r = compact(K, V, Q[:, :96], 12, method, query_positions=pos, key_positions=pos)
+    assert r.keys.is_cuda and r.values.is_cuda and r.beta.is_cuda and r.indices.is_cuda
+    assert torch.isfinite(r.beta).all() and torch.isfinite(r.values).all()

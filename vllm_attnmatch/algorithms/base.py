@@ -207,10 +207,10 @@ def compact(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, tar
             pf = qpos.float()
             used = (pf >= torch.quantile(pf, cfg.fit_from)).to(device)
         held = heldout_split(q.shape[1], cfg.heldout_fraction, gen, device,
-                             qpos[used.cpu()] if used is not None else qpos, cfg.heldout)
+                             qpos[used.to(qpos.device)] if used is not None else qpos, cfg.heldout)
         if used is not None:
             full_held = torch.zeros(q.shape[1], dtype=torch.bool, device=device)
-            full_held[used] = held
+            full_held[used] = held.to(device)
             held = full_held
         fr: FitResult = fit_block(inp.targets, inp.values, idx, inp.bias, cfg, held, used)
         beta, C2 = fr.beta, fr.values

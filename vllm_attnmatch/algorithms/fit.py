@@ -149,7 +149,7 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
         order = finite + [mu for mu in cfg.beta_ridges if mu == INF]
         errs_t = torch.stack([_mass_error(A, w_mu, held) for w_mu in cands])  # (M,H)
         best = errs_t.argmin(0)
-        w = torch.stack(cands)[best, torch.arange(H)]
+        w = torch.stack(cands)[best, torch.arange(H, device=best.device)]
         info["beta_ridge"] = [order[i] for i in best.tolist()]
 
     # --- values: ridge towards V[idx] on train rows, α chosen on held-out output error.
@@ -162,7 +162,7 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
         path = [torch.maximum(torch.minimum(p, vmax), -vmax) for p in path]
         errs = torch.stack([relative_output_error(torch.bmm(X, p), targets.output, held) for p in path])
         best = errs.argmin(0)
-        C2 = torch.stack(path)[best, torch.arange(H)]
+        C2 = torch.stack(path)[best, torch.arange(H, device=best.device)]
         info["value_alpha"] = [cfg.value_alphas[i] for i in best.tolist()]
 
     # --- gate: plain (0), β only (1), β + values (2); lowest held-out combined error wins per head.
