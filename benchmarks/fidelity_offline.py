@@ -169,7 +169,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted({(r["text"], r["source"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
     for ax, (text, source) in zip(axes[0], keys):
         for m in METHODS:
             sub = sorted([r for r in rows if r["text"] == text and r["source"] == source and r["method"] == m],
@@ -179,6 +179,10 @@ def plot(rows: list[dict], path: Path) -> None:
                         linewidth=2.5 if m in ("highest_attention", "omp") else 1.2)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ratios = sorted({r["ratio"] for r in rows})
+        ax.set_xticks(ratios)
+        ax.set_xticklabels([f"{x:g}" for x in ratios])
+        ax.minorticks_off()
         ax.set_xlabel("kept ratio")
         ax.set_ylabel("continuation KL(full‖compacted)")
         ax.set_title(f"{text} · {source} queries")
