@@ -33,9 +33,11 @@ def _servers(model_dir):
             "plugin", model_dir, PLUGIN_CONFIG, ["--enforce-eager"], {"VLLM_ATTNMATCH_FAULT_INJECTION": "1"}
         ),
         "stock": Server("stock", model_dir, None, ["--enforce-eager"]),
-        # A pool of 12 blocks (11 usable, 1408 token slots): eviction and preemption happen on purpose.
+        # A pool of 12 blocks (11 usable, 1408 token slots) and 512-token prefill chunks: eviction,
+        # preemption and multi-chunk prefills happen on purpose.
         "tiny": Server(
-            "tiny", model_dir, PLUGIN_CONFIG, ["--enforce-eager", "--num-gpu-blocks-override", "12"],
+            "tiny", model_dir, PLUGIN_CONFIG,
+            ["--enforce-eager", "--num-gpu-blocks-override", "12", "--max-num-batched-tokens", "512"],
             max_model_len=1408,
         ),
     }

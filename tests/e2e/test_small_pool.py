@@ -65,3 +65,15 @@ def test_preemption_storm_keeps_uncompacted_requests_exact_and_frees_everything(
     assert server.vllm_metrics()["vllm:num_preemptions_total"] > preemptions
     assert {i: results[i] for i in expected} == expected
     assert server.wait_idle_free_blocks(expected=total) == total
+
+
+def test_compaction_across_prefill_chunks_matches_a_single_chunk_prefill(tiny_pool_server, plugin_server, tokenizer, document):
+    # 900 tokens: prefilled in 512-token chunks on the tiny server, the compacted span (768 tokens)
+    # ends inside the second chunk, which is cut there; the plugin server prefills it in one chunk.
+    text = (document * 2)[:6000]
+    prompt = tokenizer(text)["input_ids"][:900]
+    xargs = {"am_ratio": 0.2, "am_method": "snapkv"}  # selection only: robust to last-bit differences
+    before = tiny_pool_server.metrics()["compactions"]
+    chunked = _complete(tiny_pool_server, prompt, xargs, max_tokens=16, cache_salt="chunks")
+    assert tiny_pool_server.metrics()["compactions"] == before + 1
+    assert chunked == _complete(plugin_server, prompt, xargs, max_tokens=16, cache_salt="chunks")
