@@ -63,6 +63,27 @@ def test_bad_am_values_are_refused_with_400_naming_the_key(plugin_server, xargs,
     assert "allowed" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "raw_xargs, key",
+    [
+        ('{"am_ratio": NaN}', "am_ratio"),
+        ('{"am_ratio": Infinity}', "am_ratio"),
+        ('{"am_target_tokens": 99999999999}', "am_target_tokens"),
+        ('{"am_ratio": [0.1, 0.2]}', "am_ratio"),
+        ('{"am_keep_last": true, "am_method": "omp", "am_queries": ""}', "am_queries"),
+    ],
+)
+def test_non_finite_huge_and_list_values_are_refused_naming_the_key(plugin_server, raw_xargs, key):
+    import requests
+
+    body = '{"model": "smollm2", "prompt": "Hello", "max_tokens": 2, "vllm_xargs": %s}' % raw_xargs
+    response = requests.post(
+        plugin_server.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 400
+    assert key in response.text
+
+
 def test_server_keeps_serving_after_bad_requests(plugin_server):
     with pytest.raises(openai.BadRequestError):
         _chat(plugin_server, "Hello", {"am_method": "nope"})
