@@ -129,3 +129,75 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
+
+
+def run_mixed_load(plugin: Server, stock: Server, text: str, num_requests: int, max_tokens: int) -> dict:
+    """Send ``num_requests`` concurrent mixed requests to ``plugin`` (compacting with several methods,
+    plain, compacted-prefix hits, streaming, client aborts) and check them against ``stock``: errors,
+    isolation mismatches of the plain ones, and blocks not returned to the pool."""
+    import threading
+
+    start_free = plugin.wait_idle_free_blocks()
+    kinds = ["plain", "plain-stream", "am", "am-stream-abort", "am-prefix", "am-snapkv", "plain-abort", "am-omp"]
+    jobs = []
+    for i in range(num_requests):
+        kind = kinds[i % len(kinds)]
+        offset = (i * 97) % 6000 if kind != "am-prefix" else 0
+        prompt = text[offset : offset + 1800]
+        xargs = None
+        if kind.startswith("am"):
+            xargs = {"am_ratio": 0.2}
+            if kind == "am-snapkv":
+                xargs["am_method"] = "snapkv"
+            if kind == "am-omp":
+                xargs["am_method"] = "omp"
+        jobs.append((i, kind, prompt, xargs))
+    expected = {}
+    for i, kind, prompt, _ in jobs:
+        if kind in ("plain", "plain-stream"):
+            expected[i] = stock.client().completions.create(
+                model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0
+            ).choices[0].text
+    results, errors = {}, []
+
+    def run(i, kind, prompt, xargs):
+        try:
+            client = plugin.client()
+            body = {"vllm_xargs": xargs} if xargs else None
+            if "stream" in kind or "abort" in kind:
+                stream = client.completions.create(
+                    model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                    extra_body=body,
+                )
+                out = ""
+                for n, chunk in enumerate(stream):
+                    out += chunk.choices[0].text if chunk.choices else ""
+                    if "abort" in kind and n == 2:
+                        stream.close()
+                        break
+                results[i] = out
+            else:
+                results[i] = client.completions.create(
+                    model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=body
+                ).choices[0].text
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    mismatches = sum(results.get(i) != text_ for i, text_ in expected.items())
+    end_free = plugin.wait_idle_free_blocks(expected=start_free)
+    return {
+        "requests": num_requests,
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "uncompacted_checked": len(expected),
+        "isolation_mismatches": mismatches,
+        "leaked_blocks": start_free - end_free,
+        "seconds": round(seconds, 1),
+    }
