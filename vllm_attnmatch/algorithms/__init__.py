@@ -10,6 +10,7 @@ from .budgets import budget, global_head_budgets, head_budgets, load_head_shares
 from .chunked import compact_chunked
 from .fit import FitConfig
 from .nonuniform import PAD_BETA, compact_per_head, head_scores
+from .on_policy import compact_model_on_policy
 from .queries import group_queries
 
 METHODS = ("highest_attention", "omp", "snapkv", "h2o", "streaming", "truncate", "random")
@@ -21,6 +22,6 @@ assert set(METHODS) == set(REGISTRY), (METHODS, tuple(REGISTRY))
 
 __all__ = [
     "AM_METHODS", "BASELINES", "DEFAULT_METHOD", "METHODS", "REGISTRY", "CompactionInputs", "CompactionResult",
-    "FitConfig", "Method", "budget", "compact", "compact_chunked", "global_head_budgets", "group_queries",
+    "FitConfig", "Method", "budget", "compact", "compact_chunked", "compact_model_on_policy", "global_head_budgets", "group_queries",
     "head_budgets", "head_scores", "load_head_shares", "save_head_shares", "compact_per_head", "PAD_BETA",
 ]

@@ -49,13 +49,6 @@ class LayerPagedKV:
         return float(self._layers[layer].impl.scale)
 
 
-def pool_queries(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """(n, H_q, d) query rows → (H_kv, n·G, d): the G query heads of a KV head become extra rows."""
-    n, num_q_heads, head_dim = queries.shape
-    group = num_q_heads // num_kv_heads
-    return queries.view(n, num_kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(num_kv_heads, n * group, head_dim)
-
-
 class NonFiniteCompaction(RuntimeError):
     pass
 
@@ -79,7 +72,7 @@ def compact_layer(
     scale: float,
 ):
     """Compact one layer's span; return the full new layout (keys, values, β) and the fit error."""
-    from vllm_attnmatch.algorithms import compact, compact_chunked
+    from vllm_attnmatch.algorithms import compact, compact_chunked, group_queries
 
     layout = job.layout
     first, end = layout.keep_first, layout.span_end
@@ -91,10 +84,9 @@ def compact_layer(
         # Rows after it would make the compacted prefix depend on the request's suffix, and a shared
         # compacted prefix must depend on the prefix alone.
         sees_span = (query_positions >= first) & (query_positions < end)
-        queries, query_positions = queries[sees_span], query_positions[sees_span]
-        pooled = pool_queries(queries, keys.shape[0])
-        group = queries.shape[1] // keys.shape[0]
-        kwargs["query_positions"] = query_positions.repeat_interleave(group)
+        pooled, kwargs["query_positions"] = group_queries(
+            queries[sees_span], keys.shape[0], query_positions[sees_span]
+        )
         kwargs["key_positions"] = torch.arange(first, end)
     else:
         pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
