@@ -18,7 +18,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_attnmatch import __version__
-from vllm_attnmatch.config import CONFIG_KEY, ConfigError, ServerConfig, server_config_from
+from vllm_attnmatch.config import CONFIG_KEY, ConfigError, ServerConfig, request_keys, server_config_from
 from vllm_attnmatch.metrics import install_collector
 
 logger = init_logger("vllm.attnmatch")
@@ -127,6 +127,7 @@ def configure_engine_args(args: Any) -> ServerConfig:
     args.async_scheduling = False
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     install_collector()  # /metrics of this (front-end) process shows EngineCore's counters
+    refuse_am_keys_with_beam_search()
     logger.info(
         "vllm-attnmatch %s enabled (api server, pid %d): %s; async scheduling off, V1 model runner"
         + ("" if args.worker_cls == CPU_WORKER_CLS else ", Triton attention backend, eager mode"),
@@ -135,3 +136,30 @@ def configure_engine_args(args: Any) -> ServerConfig:
         server.summary(),
     )
     return server
+
+
+def refuse_am_keys_with_beam_search() -> None:
+    """Beam search builds its own per-step sampling params and drops ``vllm_xargs``: ``am_*`` keys would be
+    silently ignored. Refuse them with HTTP 400 instead (front end only; idempotent)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    for request_cls in (CompletionRequest, ChatCompletionRequest):
+        original = request_cls.to_beam_search_params
+        if getattr(original, _HOOK_MARKER, False):
+            continue
+
+        def to_beam_search_params(self, *args, _original=original, **kwargs):
+            keys = request_keys(self.vllm_xargs)
+            if keys:
+                key = sorted(keys)[0]
+                raise VLLMValidationError(
+                    f"{key}: compaction cannot be combined with beam search (allowed: remove the am_* keys "
+                    "or use_beam_search)",
+                    parameter=key,
+                )
+            return _original(self, *args, **kwargs)
+
+        setattr(to_beam_search_params, _HOOK_MARKER, True)
+        request_cls.to_beam_search_params = to_beam_search_params

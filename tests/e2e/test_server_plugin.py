@@ -84,6 +84,20 @@ def test_non_finite_huge_and_list_values_are_refused_naming_the_key(plugin_serve
     assert key in response.text
 
 
+def test_am_keys_with_beam_search_are_refused_naming_the_key(plugin_server):
+    with pytest.raises(openai.BadRequestError) as err:
+        plugin_server.client().completions.create(
+            model="smollm2", prompt="Hello", max_tokens=4, n=2,
+            extra_body={"use_beam_search": True, "vllm_xargs": {"am_ratio": 0.5}},
+        )
+    assert "am_ratio" in str(err.value) and "beam search" in str(err.value)
+    # Beam search itself still works.
+    reply = plugin_server.client().completions.create(
+        model="smollm2", prompt="Hello", max_tokens=4, n=2, extra_body={"use_beam_search": True}
+    )
+    assert len(reply.choices) == 2
+
+
 def test_server_keeps_serving_after_bad_requests(plugin_server):
     with pytest.raises(openai.BadRequestError):
         _chat(plugin_server, "Hello", {"am_method": "nope"})
