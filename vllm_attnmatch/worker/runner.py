@@ -106,10 +106,13 @@ class AttnMatchRunnerMixin:
         plan, ctx = self._am_plan, self._am_ctx
         if ctx is None or plan is None:
             return result
+        if not (plan.offsets or plan.capture_stride):
+            ctx.begin_step({}, [])  # no plugin work in this batch: nothing per request on the hot path
+            return result
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
-        offsets = np.array([plan.offsets.get(r, 0) for r in req_ids], dtype=np.int64)
         if plan.offsets:
+            offsets = np.array([plan.offsets.get(r, 0) for r in req_ids], dtype=np.int64)
             total = scheduler_output.total_num_scheduled_tokens
             req_index = np.repeat(np.arange(num_reqs), num_scheduled_tokens)
             token_offsets = torch.from_numpy(offsets[req_index]).to(self.positions.device)
