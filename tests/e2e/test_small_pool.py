@@ -42,26 +42,44 @@ def test_compacted_prefixes_are_evicted_and_recomputed_without_leaks(tiny_pool_s
 def test_preemption_storm_keeps_uncompacted_requests_exact_and_frees_everything(tiny_pool_server, stock_server, document):
     server = tiny_pool_server
     total = server.metrics()["kv_total_blocks"]
-    prompts = [document[i * 400 : i * 400 + 2200] for i in range(4)]
-    expected = {i: _complete(stock_server, p, max_tokens=60, ignore_eos=True) for i, p in enumerate(prompts) if i % 2}
+    prompts = [document[i * 50 : i * 50 + 2600] for i in range(4)]
+    expected = {i: _complete(stock_server, p, max_tokens=160, ignore_eos=True) for i, p in enumerate(prompts) if i % 2}
     results: dict[int, str] = {}
     errors: list[BaseException] = []
+    decoding = {i: threading.Event() for i in expected}
 
     def run(i, prompt):
         try:
-            xargs = {"am_ratio": 0.2} if i % 2 == 0 else None
-            results[i] = _complete(server, prompt, xargs, max_tokens=60, ignore_eos=True)
+            body = {"ignore_eos": True, "cache_salt": "storm"}
+            if i % 2 == 0:
+                body["vllm_xargs"] = {"am_ratio": 0.2}
+            stream = server.client().completions.create(
+                model="smollm2", prompt=prompt, max_tokens=160, temperature=0, stream=True, extra_body=body
+            )
+            text = ""
+            for chunk in stream:
+                text += chunk.choices[0].text if chunk.choices else ""
+                if i in decoding:
+                    decoding[i].set()
+            results[i] = text
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
+            decoding.get(i, threading.Event()).set()
 
     preemptions = server.vllm_metrics().get("vllm:num_preemptions_total", 0.0)
-    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts)]
-    for t in threads:
-        t.start()
-    for t in threads:
+    threads = {i: threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts)}
+    # The uncompacted requests first, until both decode: they then grow to 6 blocks each, more than
+    # the 11 usable blocks, so preemption is certain; the compacting ones join the storm after.
+    for i in expected:
+        threads[i].start()
+    for event in decoding.values():
+        assert event.wait(timeout=300)
+    for i, t in threads.items():
+        if i not in expected:
+            t.start()
+    for t in threads.values():
         t.join()
     assert not errors
-    # Four ~500-token requests growing past a block boundary do not fit 12 blocks at once.
     assert server.vllm_metrics()["vllm:num_preemptions_total"] > preemptions
     assert {i: results[i] for i in expected} == expected
     assert server.wait_idle_free_blocks(expected=total) == total
