@@ -155,6 +155,8 @@ class ServerConfig(BaseModel):
     online_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
     online_recent_tokens: int = Field(default=64, ge=0, le=MAX_TOKENS_BOUND)
     online_max_compactions: int | None = Field(default=None, ge=1)
+    # Newest captured queries (prefill and decode) an online request keeps for its re-compactions.
+    online_query_tokens: int = Field(default=1024, ge=1, le=MAX_TOKENS_BOUND)
     # Reference queries and limits.
     max_query_tokens: int = Field(default=4096, ge=1, le=MAX_TOKENS_BOUND)
     min_prompt_tokens: int = Field(default=32, ge=1, le=MAX_TOKENS_BOUND)

@@ -21,6 +21,8 @@ PREFIX = "vllm_attnmatch_"
 #: counter name -> help text (exported as ``vllm_attnmatch_<name>_total``)
 COUNTERS: dict[str, str] = {
     "compactions": "Compactions applied to requests' KV caches",
+    "prefill_compactions": "Compactions of a prompt prefix right after its prefill",
+    "online_compactions": "Re-compactions of a request whose KV reached its ceiling (am_max_kv_tokens)",
     "failures": "Compactions that failed; the request was served uncompacted",
     "skipped": "Compactions not attempted (prompt too short or no free blocks); served uncompacted",
     "tokens_before": "KV entries of compacted requests before compaction",

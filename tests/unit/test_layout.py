@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_attnmatch.engine.jobs import plan_layout
+from vllm_attnmatch.engine.jobs import plan_layout, plan_online_layout
 
 
 def test_span_ends_on_a_block_boundary_and_padding_completes_the_last_block():
@@ -41,3 +41,16 @@ def test_too_short_spans_are_not_compacted(prompt, keep_first, keep_last):
 def test_target_tokens_is_capped_by_the_span():
     layout = plan_layout(200, 200, 0, 0, None, 10_000, 1, 16)
     assert layout.target == 192 and layout.offset == 0
+
+
+def test_online_layout_keeps_sinks_and_the_recent_window_and_accumulates_the_offset():
+    first = plan_online_layout(512, 0, keep_first=4, recent_tokens=64, ratio=0.5, min_span_tokens=32)
+    assert (first.span_end, first.span_tokens, first.target, first.pad) == (448, 444, 222, 0)
+    assert first.online and first.physical_len == 4 + 222 + 64 and first.offset == 512 - 290
+    # The next ceiling hit: the request is logically longer, physically at the ceiling again.
+    second = plan_online_layout(512, first.offset, 4, 64, 0.5, 32)
+    assert second.offset == 2 * first.offset
+
+
+def test_online_layout_refuses_a_ceiling_that_leaves_nothing_to_compact():
+    assert plan_online_layout(100, 0, keep_first=4, recent_tokens=80, ratio=0.5, min_span_tokens=32) is None

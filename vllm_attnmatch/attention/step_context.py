@@ -46,6 +46,8 @@ class StepContext:
     captured_queries: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
     # req_id -> list of logical positions of the captured rows (same for every layer)
     captured_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # req_id -> number of captured rows (kept in step with captured_positions)
+    captured_rows: dict[str, int] = field(default_factory=dict)
 
     def record_queries(self, layer_name: str, query: torch.Tensor) -> None:
         """Called by each attention layer with the step's post-RoPE queries (num_tokens, H_q, d)."""
@@ -72,15 +74,33 @@ class StepContext:
             _, positions = rows.selected()
             if positions.numel():
                 self.captured_positions.setdefault(req_id, []).append(positions)
+                self.captured_rows[req_id] = self.captured_rows.get(req_id, 0) + positions.numel()
 
-    def take_queries(self, req_id: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Pop a request's captured queries: layer -> (n, H_q, d), and their positions (n,)."""
-        per_layer = self.captured_queries.pop(req_id, {})
-        positions = self.captured_positions.pop(req_id, [])
+    def take_queries(self, req_id: str, keep: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """A request's captured queries: layer -> (n, H_q, d), and their positions (n,). Popped unless
+        ``keep`` (an online request compacts repeatedly from the same ring of queries)."""
+        per_layer = self.captured_queries.get(req_id, {}) if keep else self.captured_queries.pop(req_id, {})
+        positions = self.captured_positions.get(req_id, []) if keep else self.captured_positions.pop(req_id, [])
+        if not keep:
+            self.captured_rows.pop(req_id, None)
         queries = {name: torch.cat(chunks) for name, chunks in per_layer.items()}
         return queries, (torch.cat(positions) if positions else None)
+
+    def trim(self, limits: dict[str, int]) -> None:
+        """Bound each listed request's ring of captured rows: once it holds twice ``limits[req_id]``,
+        keep the newest ``limit`` (amortised: a decode step appends one row and must stay cheap)."""
+        for req_id, limit in limits.items():
+            if self.captured_rows.get(req_id, 0) <= 2 * limit:
+                continue
+            kept = torch.cat(self.captured_positions[req_id])[-limit:]
+            self.captured_positions[req_id] = [kept]
+            self.captured_rows[req_id] = kept.numel()
+            per_layer = self.captured_queries.get(req_id, {})
+            for name, chunks in per_layer.items():
+                per_layer[name] = [torch.cat(chunks)[-limit:]]
 
     def forget(self, req_ids) -> None:
         for req_id in req_ids:
             self.captured_queries.pop(req_id, None)
             self.captured_positions.pop(req_id, None)
+            self.captured_rows.pop(req_id, None)

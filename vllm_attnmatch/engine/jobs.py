@@ -16,6 +16,11 @@ made of whole blocks that depend only on the first ``span_end`` tokens: they can
 requests with the same prefix (the compacted-prefix store) while each request writes its own tail into
 blocks of its own. ``offset = num_tokens - physical_len`` is what later tokens subtract from their
 logical position to find their physical slot; their RoPE position stays logical.
+
+An *online* compaction (a request's KV reached its ceiling, ``am_max_kv_tokens``) uses the same fields in
+physical coordinates of a cache that may already be compacted: ``base_offset`` is the request's offset
+before it, the span ``[keep_first, span_end)`` may hold compacted entries with β (and −inf padding, which
+is dropped), the raw tail is the protected recent window, and nothing is padded or shared.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ class CompactionLayout:
     span_end: int  # end of the compacted span (exclusive), logical, block-aligned
     target: int  # entries the span is compacted to
     pad: int = 0  # β = -inf entries that complete the last compacted block
+    # Online re-compaction at a ceiling: the source is physical and may carry β (never shared).
+    online: bool = False
+    base_offset: int = 0  # logical - physical length of the source
 
     @property
     def span_tokens(self) -> int:
@@ -59,7 +67,7 @@ class CompactionLayout:
 
     @property
     def offset(self) -> int:
-        return self.num_tokens - self.physical_len
+        return self.base_offset + self.num_tokens - self.physical_len
 
 
 def plan_layout(
@@ -95,6 +103,27 @@ def layout_for_span(
     target = budget(span_end - keep_first, ratio, target_tokens)
     pad = cdiv(keep_first + target, block_size) * block_size - keep_first - target
     return CompactionLayout(num_tokens=span_end, keep_first=keep_first, span_end=span_end, target=target, pad=pad)
+
+
+def plan_online_layout(
+    physical_tokens: int, base_offset: int, keep_first: int, recent_tokens: int, ratio: float, min_span_tokens: int
+) -> CompactionLayout | None:
+    """Layout that compacts a request's whole physical cache except ``keep_first`` sinks and the
+    ``recent_tokens`` newest entries to ``ratio`` of its size, or None if that span is too short."""
+    keep_first = min(keep_first, physical_tokens)
+    span_end = physical_tokens - max(recent_tokens, 1)
+    span = span_end - keep_first
+    if span < max(2, min_span_tokens):
+        return None
+    target = min(span - 1, max(1, round(ratio * span)))
+    return CompactionLayout(
+        num_tokens=physical_tokens,
+        keep_first=keep_first,
+        span_end=span_end,
+        target=target,
+        online=True,
+        base_offset=base_offset,
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,8 @@ class StepPlan:
     offsets: dict[str, int] = field(default_factory=dict)
     # req_id -> keep every k-th prefill query row as a reference query (0 = do not capture)
     capture_stride: dict[str, int] = field(default_factory=dict)
+    # req_id -> keep only the newest n captured rows (online requests: a bounded ring of queries)
+    capture_limit: dict[str, int] = field(default_factory=dict)
     # blocks handed out this step through a compacted-prefix hit: their β is valid and must be kept
     preserve_bias: list[int] = field(default_factory=list)
 

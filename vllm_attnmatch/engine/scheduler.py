@@ -5,6 +5,10 @@ blocks, never in place) and ship it on the ``SchedulerOutput``; when the step's 
 the request's blocks for the compacted ones and free the sources, or, if the worker failed, free the
 destinations and serve the request uncompacted. Requests without ``am_*`` keys (and no server default)
 are never touched.
+
+Online mode (``am_max_kv_tokens``): whenever a request's physical KV reaches its ceiling — during decode,
+or in a prefill chunk, which is cut there — everything but the sinks and a protected recent window is
+re-compacted to ``online_ratio`` of its size, β-aware, and the request goes on at logical positions.
 """
 
 from __future__ import annotations
@@ -29,14 +33,15 @@ from vllm_attnmatch.engine.jobs import (
     FAULT_INJECTION_ENV,
     FAULTS,
     RUNNER_OUTPUT_ATTR,
-    CompactionLayout,
     SCHEDULER_OUTPUT_ATTR,
     CompactionJob,
+    CompactionLayout,
     CompactionResult,
     StepPlan,
     cdiv,
     layout_for_span,
     plan_layout,
+    plan_online_layout,
 )
 from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionManager, register_kv_cache_spec
 from vllm_attnmatch.engine.prefix_store import CompactedPrefixStore
@@ -50,11 +55,19 @@ class RequestCompaction:
     """Plugin state of one compacting request."""
 
     params: EffectiveParams
-    layout: CompactionLayout
+    layout: CompactionLayout | None  # prefill compaction (None: online only)
     # num_preemptions when the current compaction was applied (None: not compacted in this life).
     compacted_in_life: int | None = None
     pending: CompactionJob | None = None
     prefix_key: bytes | None = None
+    online_count: int = 0  # online compactions applied so far (all lives)
+    online_stopped: bool = False  # limit reached, failed, or the ceiling leaves nothing to compact
+    online_retry_at: int = 0  # physical length at which to retry after a lack of free blocks
+    peak_physical: int = 0  # most KV entries the request held after any step (reported at the end)
+
+    def in_prefill_phase(self, computed_before_step: int) -> bool:
+        """The prompt prefix is still to be compacted (online compaction waits for it)."""
+        return self.layout is not None and self.compacted_in_life is None and computed_before_step < self.layout.span_end
 
 
 class AttnMatchScheduler(Scheduler):
@@ -99,6 +112,7 @@ class AttnMatchScheduler(Scheduler):
 
     def add_request(self, request) -> None:
         params = self._params_for(request)
+        layout = None
         if params is not None and params.compacts_prefill:
             layout = plan_layout(
                 num_tokens=None,
@@ -113,10 +127,11 @@ class AttnMatchScheduler(Scheduler):
             if layout is None:
                 self.am_stats.add("skipped")  # too short to compact: served exactly as stock vLLM
             else:
-                self._am_requests[request.request_id] = RequestCompaction(params, layout)
                 # Reference queries come from the prefill: every prefix token must be computed here
                 # (or the whole compacted prefix found in the store).
                 request.skip_reading_prefix_cache = True
+        if layout is not None or (params is not None and params.max_kv_tokens is not None):
+            self._am_requests[request.request_id] = RequestCompaction(params, layout)
         super().add_request(request)
 
     def _params_for(self, request) -> EffectiveParams | None:
@@ -132,7 +147,7 @@ class AttnMatchScheduler(Scheduler):
         """Compacting requests look for a stored compacted prefix instead of token-hash hits (they need
         every prefix token's query if they compact themselves)."""
         state = self._am_requests.get(request.request_id)
-        if state is None or self._am_store is None:
+        if state is None or state.layout is None or self._am_store is None:
             return super()._get_local_prefix_cache_hit(request)
         self.am_manager.offsets.pop(request.request_id, None)
         state.compacted_in_life = None
@@ -181,24 +196,65 @@ class AttnMatchScheduler(Scheduler):
             request = self.requests[req_id]
             if state.compacted_in_life is not None and state.compacted_in_life != request.num_preemptions:
                 state.compacted_in_life = None  # preempted: the compaction died with its blocks
+            if state.pending is None:
+                computed_before = request.num_computed_tokens - output.num_scheduled_tokens[req_id]
+                if state.in_prefill_phase(computed_before):
+                    self._schedule_prefill_compaction(output, plan, request, state)
+                elif state.params.max_kv_tokens is not None and not state.online_stopped:
+                    self._schedule_online_compaction(output, plan, request, state)
             offset = self.am_manager.offsets.get(req_id)
             if offset is not None:
                 plan.offsets[req_id] = offset
-            if state.compacted_in_life is not None or state.pending is not None:
-                continue
-            span_end = state.layout.span_end
-            if request.num_computed_tokens - output.num_scheduled_tokens[req_id] >= span_end:
-                continue
-            self._stop_prefill_at(output, request, span_end)
-            plan.capture_stride[req_id] = max(1, math.ceil(span_end / self.attnmatch.max_query_tokens))
-            if request.num_computed_tokens == span_end:
-                job = self._plan_job(request, state)
-                if job is not None:
-                    state.pending = job
-                    plan.jobs.append(job)
         if not plan.is_empty:
             setattr(output, SCHEDULER_OUTPUT_ATTR, plan)
         return output
+
+    def _schedule_prefill_compaction(self, output, plan: StepPlan, request, state: RequestCompaction) -> None:
+        span_end = state.layout.span_end
+        self._stop_prefill_at(output, request, span_end)
+        plan.capture_stride[request.request_id] = max(1, math.ceil(span_end / self.attnmatch.max_query_tokens))
+        if request.num_computed_tokens == span_end:
+            self._plan_job(request, state, state.layout, plan)
+
+    def _schedule_online_compaction(self, output, plan: StepPlan, request, state: RequestCompaction) -> None:
+        """Capture this request's queries (a bounded ring) and, at its ceiling, plan a re-compaction."""
+        req_id = request.request_id
+        limit = self.attnmatch.online_query_tokens
+        scheduled = output.num_scheduled_tokens[req_id]
+        plan.capture_stride[req_id] = 1 if scheduled == 1 else max(1, math.ceil(request.num_tokens / limit))
+        plan.capture_limit[req_id] = limit
+        offset = self.am_manager.offsets.get(req_id, 0)
+        ceiling = max(state.params.max_kv_tokens, state.online_retry_at)
+        physical = request.num_computed_tokens - offset
+        if physical > ceiling and physical - scheduled < ceiling:  # a prefill chunk stops at the ceiling
+            self._stop_prefill_at(output, request, ceiling + offset)
+            physical = ceiling
+        state.peak_physical = max(state.peak_physical, physical)
+        if physical < ceiling:
+            return
+        limit_count = self.attnmatch.online_max_compactions
+        if limit_count is not None and state.online_count >= limit_count:
+            state.online_stopped = True
+            return
+        layout = plan_online_layout(
+            physical_tokens=physical,
+            base_offset=offset,
+            keep_first=state.params.keep_first,
+            recent_tokens=self.attnmatch.online_recent_tokens,
+            ratio=self.attnmatch.online_ratio,
+            min_span_tokens=self.attnmatch.min_prompt_tokens,
+        )
+        if layout is None:
+            logger.warning(
+                "request %s: a KV ceiling of %d leaves nothing to compact after keep_first=%d and "
+                "online_recent_tokens=%d; it grows past the ceiling",
+                req_id, state.params.max_kv_tokens, state.params.keep_first, self.attnmatch.online_recent_tokens,
+            )
+            self.am_stats.add("skipped")
+            state.online_stopped = True
+            return
+        if self._plan_job(request, state, layout, plan) is None:
+            state.online_retry_at = physical + self.block_size  # no free blocks now: try a block later
 
     def _stop_prefill_at(self, output, request, span_end: int) -> None:
         """End this step's chunk of the request at the compacted span's end, so that the rest of the
@@ -214,12 +270,13 @@ class AttnMatchScheduler(Scheduler):
         request.is_prefill_chunk = True
         self._inflight_prefills.add(request)
 
-    def _plan_job(self, request, state: RequestCompaction) -> CompactionJob | None:
-        layout, params = state.layout, state.params
+    def _plan_job(self, request, state: RequestCompaction, layout: CompactionLayout, plan: StepPlan):
+        """Allocate the destination blocks and ship the job on this step's plan (None: no free blocks)."""
+        params = state.params
         pool = self.kv_cache_manager.block_pool
         num_dst = cdiv(layout.physical_len, self.block_size)
         if pool.get_num_free_blocks() < num_dst:
-            logger.info("request %s: no free blocks for compaction; served uncompacted", request.request_id)
+            logger.info("request %s: no free blocks for compaction; not compacted now", request.request_id)
             self.am_stats.add("skipped")
             return None
         dst = pool.get_new_blocks(num_dst)
@@ -235,6 +292,8 @@ class AttnMatchScheduler(Scheduler):
             fault=self._injected_fault(request),
         )
         self._am_pending_jobs[request.request_id] = (job, dst)
+        state.pending = job
+        plan.jobs.append(job)
         return job
 
     @staticmethod
@@ -272,6 +331,8 @@ class AttnMatchScheduler(Scheduler):
         if result is None or not result.ok or not alive:
             self.kv_cache_manager.block_pool.free_blocks(dst)
             if result is None or not result.ok:
+                if state is not None and job.layout.online:
+                    state.online_stopped = True  # no retry loop: it grows past its ceiling
                 self.am_stats.add("failures")
                 logger.warning(
                     "request %s: compaction failed (%s); served uncompacted",
@@ -281,19 +342,25 @@ class AttnMatchScheduler(Scheduler):
             return
         old = self.am_manager.replace_blocks(job.req_id, dst, job.layout.offset)
         state.compacted_in_life = request.num_preemptions
-        self._publish_prefix(state, job, dst)
+        if job.layout.online:
+            state.online_count += 1
+            state.online_retry_at = 0
+        else:
+            self._publish_prefix(state, job, dst)
         self._am_swaps[job.req_id] = job.dst_block_ids
         stats = self.am_stats
         stats.add("compactions")
+        stats.add("online_compactions" if job.layout.online else "prefill_compactions")
         stats.add("tokens_before", job.layout.num_tokens)
         stats.add("tokens_after", job.layout.physical_len)
         stats.add("compaction_seconds", result.seconds)
         stats.add("blocks_freed", len(old) - len(dst))
         if self.attnmatch.log_compactions:
             logger.info(
-                "compacted request %s: T=%d -> t=%d (span %d -> %d, method %s), %.3f s, fit error %.4g, "
+                "compacted request %s%s: T=%d -> t=%d (span %d -> %d, method %s), %.3f s, fit error %.4g, "
                 "blocks %d -> %d",
                 job.req_id,
+                f" (online #{state.online_count}, logical length {request.num_computed_tokens})" if job.layout.online else "",
                 job.layout.num_tokens,
                 job.layout.physical_len,
                 job.layout.span_tokens,
@@ -313,5 +380,14 @@ class AttnMatchScheduler(Scheduler):
             self._am_store.store(state.prefix_key, dst[:num_blocks])
 
     def _free_request(self, request, *args, **kwargs):
-        self._am_requests.pop(request.request_id, None)
+        state = self._am_requests.pop(request.request_id, None)
+        if state is not None and state.params.max_kv_tokens is not None and self.attnmatch.log_compactions:
+            logger.info(
+                "request %s finished: %d tokens, KV ceiling %d, peak KV entries %d, %d online compactions",
+                request.request_id,
+                request.num_computed_tokens,
+                state.params.max_kv_tokens,
+                state.peak_physical,
+                state.online_count,
+            )
         return super()._free_request(request, *args, **kwargs)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from vllm_attnmatch.algorithms import compact, compact_chunked, group_queries
 from vllm_attnmatch.engine.jobs import CompactionJob, CompactionResult
 
 #: Debugging and parity tests: when set, every compacted layout is saved as <dir>/<req_id>.pt.
@@ -32,6 +33,9 @@ class PagedKV(Protocol):
         """Write ``(H_kv, L, d)`` keys/values and ``(H_kv, L)`` β into the first L slots of the blocks;
         the remaining slots of the blocks get β = 0 (they will hold future tokens)."""
 
+    def gather_bias(self, layer: str, block_ids, length: int) -> torch.Tensor:
+        """β of the first ``length`` slots: ``(H_kv, length)`` fp32."""
+
     def scale(self, layer: str) -> float: ...
 
 
@@ -48,6 +52,11 @@ class LayerPagedKV:
     def scale(self, layer: str) -> float:
         return float(self._layers[layer].impl.scale)
 
+    def gather_bias(self, layer: str, block_ids, length: int) -> torch.Tensor:
+        bias = self._bias[layer]  # (num_blocks, H_kv, block_size) in both layouts
+        ids = torch.as_tensor(block_ids, dtype=torch.long, device=bias.device)
+        return bias[ids].permute(1, 0, 2).reshape(bias.shape[1], -1)[:, :length]
+
 
 class NonFiniteCompaction(RuntimeError):
     pass
@@ -63,6 +72,61 @@ def _inject(fault: str | None, result) -> None:
         result.values[..., 0] = float("nan")
 
 
+def _compact_span(job: CompactionJob, span_k, span_v, pooled, span_bias, kwargs):
+    target = job.layout.target
+    if job.chunk_tokens:
+        return compact_chunked(span_k, span_v, pooled, target, job.chunk_tokens, job.method, bias=span_bias, **kwargs)
+    return compact(span_k, span_v, pooled, target, method=job.method, bias=span_bias, **kwargs)
+
+
+def compact_layer_online(
+    job: CompactionJob,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    beta: torch.Tensor,
+    queries: torch.Tensor | None,
+    scale: float,
+):
+    """Re-compact a physical cache at its ceiling: the span may hold entries compacted before (their β
+    enters the targets and the result) and −inf padding (dropped). Every captured query comes after the
+    span's entries or is a decode query that saw all of them, so the targets are not causal."""
+    layout = job.layout
+    first, end = layout.keep_first, layout.span_end
+    real = torch.isfinite(beta[:, first:end]).all(0)
+    span_k, span_v, span_b = keys[:, first:end][:, real], values[:, first:end][:, real], beta[:, first:end][:, real]
+    kwargs = dict(job.options)
+    kwargs["scale"] = scale
+    kwargs.pop("query_gap", None)
+    if queries is not None and queries.shape[0]:
+        pooled, _ = group_queries(queries, keys.shape[0])
+    else:
+        pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
+    result = _compact_span(job, span_k, span_v, pooled.to(span_k.device), span_b, kwargs)
+    _inject(job.fault, result)
+    _check_finite(result)
+    num_heads, kept, head_dim = result.keys.shape
+    short = layout.target - kept  # fewer real entries than the target: pad (β = -inf) to the layout
+    pad = keys.new_zeros((num_heads, short, head_dim))
+    new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), pad, keys[:, end:]], dim=1)
+    new_values = torch.cat([values[:, :first], result.values.to(values.dtype), pad, values[:, end:]], dim=1)
+    new_beta = torch.cat(
+        [
+            beta[:, :first],
+            result.beta.float().to(beta.device),
+            torch.full((num_heads, short), float("-inf"), device=beta.device),
+            beta[:, end:],
+        ],
+        dim=1,
+    )
+    return new_keys, new_values, new_beta, float(getattr(result, "fit_error", math.nan))
+
+
+def _check_finite(result) -> None:
+    for name in ("keys", "values", "beta"):
+        if not torch.isfinite(getattr(result, name)).all():
+            raise NonFiniteCompaction(f"non-finite {name} in the compacted cache")
+
+
 def compact_layer(
     job: CompactionJob,
     keys: torch.Tensor,
@@ -72,8 +136,6 @@ def compact_layer(
     scale: float,
 ):
     """Compact one layer's span; return the full new layout (keys, values, β) and the fit error."""
-    from vllm_attnmatch.algorithms import compact, compact_chunked, group_queries
-
     layout = job.layout
     first, end = layout.keep_first, layout.span_end
     span_k, span_v = keys[:, first:end], values[:, first:end]
@@ -90,14 +152,9 @@ def compact_layer(
         kwargs["key_positions"] = torch.arange(first, end)
     else:
         pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
-    if job.chunk_tokens:
-        result = compact_chunked(span_k, span_v, pooled, layout.target, job.chunk_tokens, job.method, **kwargs)
-    else:
-        result = compact(span_k, span_v, pooled, layout.target, method=job.method, **kwargs)
+    result = _compact_span(job, span_k, span_v, pooled, None, kwargs)
     _inject(job.fault, result)
-    for name in ("keys", "values", "beta"):
-        if not torch.isfinite(getattr(result, name)).all():
-            raise NonFiniteCompaction(f"non-finite {name} in the compacted cache")
+    _check_finite(result)
     num_heads, _, head_dim = keys.shape
     pad = keys.new_zeros((num_heads, layout.pad, head_dim))
     new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), pad, keys[:, end:]], dim=1)
@@ -129,9 +186,15 @@ def run_job(
     try:
         for layer in kv.layer_names():
             keys, values = kv.gather(layer, job.src_block_ids, layout.num_tokens)
-            new_keys, new_values, beta, fit_error = compact_layer(
-                job, keys, values, queries.get(layer), query_positions, kv.scale(layer)
-            )
+            if layout.online:
+                old_beta = kv.gather_bias(layer, job.src_block_ids, layout.num_tokens).to(keys.device)
+                new_keys, new_values, beta, fit_error = compact_layer_online(
+                    job, keys, values, old_beta, queries.get(layer), kv.scale(layer)
+                )
+            else:
+                new_keys, new_values, beta, fit_error = compact_layer(
+                    job, keys, values, queries.get(layer), query_positions, kv.scale(layer)
+                )
             kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
             errors.append(fit_error)
             if dump_dir:

@@ -142,6 +142,8 @@ class AttnMatchRunnerMixin:
             self._run_jobs(plan)
         if self._am_ctx is not None:
             self._am_ctx.begin_step({}, [])
+            if plan is not None and plan.capture_limit:
+                self._am_ctx.trim(plan.capture_limit)
         return output if output is None else self._attach_results(output)
 
     def sample_tokens(self, *args, **kwargs):
@@ -158,7 +160,7 @@ class AttnMatchRunnerMixin:
     @torch.inference_mode()
     def _run_jobs(self, plan: StepPlan) -> None:
         for job in plan.jobs:
-            queries, positions = self._am_ctx.take_queries(job.req_id)
+            queries, positions = self._am_ctx.take_queries(job.req_id, keep=job.layout.online)
             result = run_job(job, self._am_kv, queries, positions)
             if not result.ok:
                 logger.warning("compaction of %s failed on this worker: %s", job.req_id, result.error)
