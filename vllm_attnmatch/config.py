@@ -12,7 +12,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -159,6 +159,15 @@ class ServerConfig(BaseModel):
     online_query_tokens: int = Field(default=1024, ge=1, le=MAX_TOKENS_BOUND)
     # Reference queries and limits.
     max_query_tokens: int = Field(default=4096, ge=1, le=MAX_TOKENS_BOUND)
+    # Other sources mixed into the one a request picks, with a cap in query rows each (e.g. am_queries
+    # "repeat" with {"context": 1024} adds up to 1024 of the prefill's own queries). Empty: one source.
+    query_mix: dict[QuerySource, Annotated[int, Field(ge=0, le=MAX_TOKENS_BOUND)]] = Field(
+        default_factory=dict, description="a mapping context | repeat | self_study -> query rows (>= 0)"
+    )
+    # Bounds of the synthetic sources (see worker/query_sources.py).
+    repeat_max_tokens: int = Field(default=2048, ge=1, le=MAX_TOKENS_BOUND)
+    self_study_tokens: int = Field(default=48, ge=1, le=4096)
+    self_study_seconds: float = Field(default=30.0, gt=0.0, le=3600.0)
     min_prompt_tokens: int = Field(default=32, ge=1, le=MAX_TOKENS_BOUND)
     # Options forwarded to algorithms.compact() (e.g. {"score": "rms"}); names are the algorithm's.
     algorithm: dict[str, AlgorithmOption] = Field(default_factory=dict)

@@ -28,6 +28,7 @@ COUNTERS: dict[str, str] = {
     "tokens_before": "KV entries of compacted requests before compaction",
     "tokens_after": "KV entries of compacted requests after compaction",
     "compaction_seconds": "Seconds spent compacting (worker side)",
+    "reference_query_seconds": "Seconds spent producing repeat / self_study reference queries (part of compaction_seconds)",
     "blocks_freed": "KV blocks returned to the pool by compactions",
     "prefix_hits": "Requests that reused a compacted prefix",
     "prefix_misses": "Compacting requests that found no reusable compacted prefix",

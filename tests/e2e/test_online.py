@@ -66,11 +66,11 @@ def test_long_generation_under_a_ceiling_compacts_repeatedly_and_completes(plugi
 def test_long_prompt_is_prefilled_in_pieces_that_stop_at_the_ceiling(plugin_server, document):
     """A prompt longer than the ceiling: each prefill chunk stops at the ceiling and is compacted."""
     log_start = len(plugin_server.log())
-    result = _complete(plugin_server, document[:3600], 4, {"am_max_kv_tokens": 384})
-    assert result.usage.prompt_tokens > 2 * 384
+    result = _complete(plugin_server, document, 4, {"am_max_kv_tokens": 256})
+    assert result.usage.prompt_tokens > 2 * 256
     sizes, finished = _online_lines(plugin_server.log()[log_start:])
-    assert len(sizes) >= 2 and all(384 <= s <= 384 + BLOCK for s in sizes), sizes
-    assert finished and finished[0][1] <= 384 + BLOCK
+    assert len(sizes) >= 2 and all(256 <= s <= 256 + BLOCK for s in sizes), sizes
+    assert finished and finished[0][1] <= 256 + BLOCK
 
 
 def test_failed_online_compaction_serves_the_request_uncompacted_once(plugin_server, document):
@@ -82,3 +82,17 @@ def test_failed_online_compaction_serves_the_request_uncompacted_once(plugin_ser
     assert served.choices[0].text == plain
     assert after["failures"] == before["failures"] + 1  # one failure, then no retry loop
     assert after["online_compactions"] == before["online_compactions"]
+
+
+@pytest.mark.parametrize("source", ["repeat", "self_study"])
+def test_synthetic_query_sources_compact_without_emitting_tokens(plugin_server, document, source):
+    """repeat / self_study queries are produced on the worker over the request's own KV: the request is
+    compacted with them, and the client sees only its own completion."""
+    before = plugin_server.metrics()
+    log_start = len(plugin_server.log())
+    result = _complete(plugin_server, document, 8, {"am_ratio": 0.1, "am_queries": source})
+    after = plugin_server.metrics()
+    assert result.usage.completion_tokens == 8 and len(result.choices) == 1
+    assert after["compactions"] == before["compactions"] + 1 and after["failures"] == before["failures"]
+    assert after["reference_query_seconds"] > before["reference_query_seconds"]
+    assert f"queries {source})" in plugin_server.log()[log_start:]

@@ -68,7 +68,10 @@ class ReferenceLlama:
 
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
-        weights = {k: v.to(dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
+        files = sorted(folder.glob("*.safetensors"))  # one file or shards
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {folder}")
+        weights = {k: v.to(dtype) for f in files for k, v in load_file(str(f)).items()}
         return cls(config, weights)
 
     # ------------------------------------------------------------------ pieces

@@ -186,6 +186,8 @@ class CompactionResult:
     tokens_after: int
     fit_error: float = float("nan")
     error: str = ""
+    query_seconds: float = 0.0  # producing synthetic reference queries (repeat / self_study), included in seconds
+    query_source: str = "context"  # the source actually used (a synthetic one falls back to context on error)
 
 
 SCHEDULER_OUTPUT_ATTR = "attnmatch_plan"

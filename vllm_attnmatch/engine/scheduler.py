@@ -354,11 +354,12 @@ class AttnMatchScheduler(Scheduler):
         stats.add("tokens_before", job.layout.num_tokens)
         stats.add("tokens_after", job.layout.physical_len)
         stats.add("compaction_seconds", result.seconds)
+        stats.add("reference_query_seconds", result.query_seconds)
         stats.add("blocks_freed", len(old) - len(dst))
         if self.attnmatch.log_compactions:
             logger.info(
-                "compacted request %s%s: T=%d -> t=%d (span %d -> %d, method %s), %.3f s, fit error %.4g, "
-                "blocks %d -> %d",
+                "compacted request %s%s: T=%d -> t=%d (span %d -> %d, method %s, queries %s), %.3f s, "
+                "fit error %.4g, blocks %d -> %d",
                 job.req_id,
                 f" (online #{state.online_count}, logical length {request.num_computed_tokens})" if job.layout.online else "",
                 job.layout.num_tokens,
@@ -366,6 +367,7 @@ class AttnMatchScheduler(Scheduler):
                 job.layout.span_tokens,
                 job.layout.target,
                 job.method,
+                result.query_source if not job.layout.online else "context ring",
                 result.seconds,
                 result.fit_error,
                 len(old),

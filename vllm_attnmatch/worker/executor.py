@@ -134,6 +134,8 @@ def compact_layer(
     queries: torch.Tensor | None,
     query_positions: torch.Tensor | None,
     scale: float,
+    extra_queries: torch.Tensor | None = None,
+    extra_positions: torch.Tensor | None = None,
 ):
     """Compact one layer's span; return the full new layout (keys, values, β) and the fit error."""
     layout = job.layout
@@ -146,9 +148,15 @@ def compact_layer(
         # Rows after it would make the compacted prefix depend on the request's suffix, and a shared
         # compacted prefix must depend on the prefix alone.
         sees_span = (query_positions >= first) & (query_positions < end)
-        pooled, kwargs["query_positions"] = group_queries(
-            queries[sees_span], keys.shape[0], query_positions[sees_span]
+        queries, query_positions = queries[sees_span], query_positions[sees_span]
+    if extra_queries is not None:
+        # Synthetic queries (repeat / self_study) come after the span and depend on the prefix alone.
+        queries = extra_queries if queries is None else torch.cat([queries, extra_queries.to(queries)])
+        query_positions = (
+            extra_positions if query_positions is None else torch.cat([query_positions, extra_positions])
         )
+    if queries is not None and query_positions is not None:
+        pooled, kwargs["query_positions"] = group_queries(queries, keys.shape[0], query_positions)
         kwargs["key_positions"] = torch.arange(first, end)
     else:
         pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
@@ -176,6 +184,7 @@ def run_job(
     kv: PagedKV,
     queries: dict[str, torch.Tensor],
     query_positions: torch.Tensor | None,
+    extra=None,
 ) -> CompactionResult:
     """Compact every layer of one request into its destination blocks."""
     started = time.perf_counter()
@@ -193,7 +202,14 @@ def run_job(
                 )
             else:
                 new_keys, new_values, beta, fit_error = compact_layer(
-                    job, keys, values, queries.get(layer), query_positions, kv.scale(layer)
+                    job,
+                    keys,
+                    values,
+                    queries.get(layer),
+                    query_positions,
+                    kv.scale(layer),
+                    extra.queries.get(layer) if extra is not None else None,
+                    extra.positions if extra is not None else None,
                 )
             kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
             errors.append(fit_error)

@@ -13,6 +13,7 @@ The β side tensor and the reference-query capture are shared with the attention
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import torch
@@ -44,6 +45,8 @@ class AttnMatchRunnerMixin:
     _am_ctx: StepContext | None = None
     _am_kv: PagedKV | None = None
     _am_plan: StepPlan | None = None
+    _am_producer = None  # SyntheticQueryProducer, built on the first repeat / self_study job
+    _am_server_config = None
     _am_results: list[CompactionResult]
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -161,7 +164,42 @@ class AttnMatchRunnerMixin:
     def _run_jobs(self, plan: StepPlan) -> None:
         for job in plan.jobs:
             queries, positions = self._am_ctx.take_queries(job.req_id, keep=job.layout.online)
-            result = run_job(job, self._am_kv, queries, positions)
+            extra, source = None, "context"
+            if job.queries != "context" and not job.layout.online:
+                queries, positions, extra, source = self._synthetic_queries(job, queries, positions)
+            result = run_job(job, self._am_kv, queries, positions, extra)
+            if extra is not None:
+                result = dataclasses.replace(
+                    result, seconds=result.seconds + extra.seconds, query_seconds=extra.seconds, query_source=source
+                )
             if not result.ok:
                 logger.warning("compaction of %s failed on this worker: %s", job.req_id, result.error)
             self._am_results.append(result)
+
+    def _synthetic_queries(self, job, queries, positions):
+        """Add ``repeat`` / ``self_study`` queries (the context's own kept up to ``query_mix``). Any error
+        falls back to the context queries: a weaker compaction beats none."""
+        from vllm_attnmatch.worker.synthetic import SyntheticQueryProducer
+
+        settings = self._am_settings()
+        try:
+            if self._am_producer is None:
+                self._am_producer = SyntheticQueryProducer.for_model(self.vllm_config.model_config, settings)
+            request = self.requests[job.req_id]
+            extra = self._am_producer.produce(job, self._am_kv, list(request.prompt_token_ids))
+        except Exception as exc:  # noqa: BLE001 - fall back to context queries
+            logger.warning("am_queries=%s unavailable for %s (%s); using context queries", job.queries, job.req_id, exc)
+            return queries, positions, None, "context"
+        cap = settings.query_mix.get("context", 0)
+        if positions is not None and positions.numel() > cap:
+            keep = torch.linspace(0, positions.numel() - 1, cap).round().long() if cap else positions[:0].long()
+            queries = {name: q[keep] for name, q in queries.items()}
+            positions = positions[keep]
+        return queries, positions, extra, job.queries
+
+    def _am_settings(self):
+        from vllm_attnmatch.config import ServerConfig, server_config_from
+
+        if self._am_server_config is None:
+            self._am_server_config = server_config_from(self.vllm_config.additional_config) or ServerConfig()
+        return self._am_server_config

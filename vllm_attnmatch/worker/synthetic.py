@@ -1,0 +1,76 @@
+"""Worker glue for the synthetic reference-query sources: builds the torch reference forward and the
+tokenizer once, gathers a request's prefix KV from the paged cache, and runs ``repeat`` or ``self_study``
+(see :mod:`query_sources`) over it.
+
+Why a separate forward and not vLLM's: these tokens must not be scheduled, sampled, streamed or counted as
+the request's; a plain torch forward of the same weights over the gathered cache does exactly that. It
+costs a copy of the weights (loaded from the served checkpoint on first use) and supports Llama-style
+checkpoints; anything else falls back to context queries with a warning.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
+from vllm_attnmatch.worker.query_sources import (
+    REPEAT_PROMPT,
+    SELF_STUDY_PROMPTS,
+    repeat_queries,
+    self_study_queries,
+)
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+@dataclass
+class ExtraQueries:
+    """Synthetic queries for one job: layer name -> ``(n, H_q, d)``, logical positions ``(n,)``, seconds."""
+
+    queries: dict[str, torch.Tensor]
+    positions: torch.Tensor
+    seconds: float
+
+
+class SyntheticQueryProducer:
+    def __init__(self, model: ReferenceLlama, tokenizer, settings) -> None:
+        self.model = model
+        self.settings = settings
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.repeat_prompt = encode(REPEAT_PROMPT)
+        self.study_prompts = [encode(p) for p in SELF_STUDY_PROMPTS]
+
+    @classmethod
+    def for_model(cls, model_config, settings) -> SyntheticQueryProducer:
+        from transformers import AutoTokenizer
+
+        model = ReferenceLlama.from_pretrained(model_config.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
+        return cls(model, tokenizer, settings)
+
+    def produce(self, job, kv, prompt_ids: list[int]) -> ExtraQueries:
+        end = job.layout.span_end
+        names = sorted(kv.layer_names(), key=lambda n: int(_LAYER_INDEX.search(n).group(1)))
+        if len(names) != self.model.num_layers:
+            raise ValueError(f"{len(names)} attention layers in the engine, {self.model.num_layers} in the checkpoint")
+        cache, device = [], None
+        for name in names:
+            keys, values = kv.gather(name, job.src_block_ids, end)
+            device = keys.device  # the reference forward runs on the CPU copy of the weights
+            keys, values = keys.float().cpu(), values.float().cpu()
+            cache.append(LayerKV(keys, values, torch.zeros(keys.shape[:2])))
+        context = prompt_ids[:end]
+        if job.queries == "repeat":
+            made = repeat_queries(self.model, cache, context, self.repeat_prompt, self.settings.repeat_max_tokens)
+        elif job.queries == "self_study":
+            made = self_study_queries(
+                self.model, cache, end, self.study_prompts, self.settings.self_study_tokens, self.settings.self_study_seconds
+            )
+        else:
+            raise ValueError(f"unknown query source {job.queries!r}")
+        return ExtraQueries(
+            {name: q.to(device) for name, q in zip(names, made.queries)}, made.positions, made.seconds
+        )
