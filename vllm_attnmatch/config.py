@@ -164,6 +164,9 @@ class ServerConfig(BaseModel):
     query_mix: dict[QuerySource, Annotated[int, Field(ge=0, le=MAX_TOKENS_BOUND)]] = Field(
         default_factory=dict, description="a mapping context | repeat | self_study -> query rows (>= 0)"
     )
+    # Non-uniform per-head budgets (see engine/head_budgets.py): a bundled share file name or a path.
+    head_budgets: str | None = Field(default=None, description="a name in configs/head_budgets/ or a JSON path")
+    head_budget_max_factor: float = Field(default=2.0, ge=1.0, le=64.0)
     # Bounds of the synthetic sources (see worker/query_sources.py).
     repeat_max_tokens: int = Field(default=2048, ge=1, le=MAX_TOKENS_BOUND)
     self_study_tokens: int = Field(default=48, ge=1, le=4096)

@@ -105,6 +105,14 @@ def layout_for_span(
     return CompactionLayout(num_tokens=span_end, keep_first=keep_first, span_end=span_end, target=target, pad=pad)
 
 
+def widen_layout(layout: CompactionLayout, target: int, block_size: int) -> CompactionLayout:
+    """The same span with a longer physical target (non-uniform head budgets pad to their largest)."""
+    if target <= layout.target:
+        return layout
+    pad = cdiv(layout.keep_first + target, block_size) * block_size - layout.keep_first - target
+    return replace(layout, target=target, pad=pad)
+
+
 def plan_online_layout(
     physical_tokens: int, base_offset: int, keep_first: int, recent_tokens: int, ratio: float, min_span_tokens: int
 ) -> CompactionLayout | None:
@@ -142,6 +150,8 @@ class CompactionJob:
     options: dict[str, Any] = field(default_factory=dict)
     # Test-only fault to inject on the worker (see FAULT_INJECTION_ENV); None in production.
     fault: str | None = None
+    # Non-uniform budgets: entries per (layer, KV head); the layout's target is their maximum.
+    head_targets: tuple[tuple[int, ...], ...] | None = None
 
 
 #: When set to 1 in the server's environment, a request's ``extra_args["attnmatch_fault"]`` (one of

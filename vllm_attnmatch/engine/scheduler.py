@@ -42,7 +42,9 @@ from vllm_attnmatch.engine.jobs import (
     layout_for_span,
     plan_layout,
     plan_online_layout,
+    widen_layout,
 )
+from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
 from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionManager, register_kv_cache_spec
 from vllm_attnmatch.engine.prefix_store import CompactedPrefixStore
 from vllm_attnmatch.metrics import CompactionStats
@@ -94,6 +96,15 @@ class AttnMatchScheduler(Scheduler):
                 self.am_manager.kv_cache_group_id,
                 salt=f"{vllm_config.model_config.model}|{__version__}|{self.attnmatch.summary()}",
             )
+        self._am_head_plan: HeadBudgetPlan | None = None
+        if self.attnmatch.head_budgets:
+            model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+            self._am_head_plan = HeadBudgetPlan(
+                self.attnmatch.head_budgets,
+                model_config.get_num_layers(parallel),
+                model_config.get_num_kv_heads(parallel),
+                self.attnmatch.head_budget_max_factor,
+            )
         engine_index = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
         self.am_stats = CompactionStats(engine_index)
         self._publish_pool_stats()
@@ -127,6 +138,7 @@ class AttnMatchScheduler(Scheduler):
             if layout is None:
                 self.am_stats.add("skipped")  # too short to compact: served exactly as stock vLLM
             else:
+                layout = self._with_head_budgets(layout)
                 # Reference queries come from the prefill: every prefix token must be computed here
                 # (or the whole compacted prefix found in the store).
                 request.skip_reading_prefix_cache = True
@@ -147,7 +159,9 @@ class AttnMatchScheduler(Scheduler):
         """Compacting requests look for a stored compacted prefix instead of token-hash hits (they need
         every prefix token's query if they compact themselves)."""
         state = self._am_requests.get(request.request_id)
-        if state is None or state.layout is None or self._am_store is None:
+        if state is not None and state.layout is None:
+            return self._prefix_hit_below_ceiling(request, state)
+        if state is None or self._am_store is None:
             return super()._get_local_prefix_cache_hit(request)
         self.am_manager.offsets.pop(request.request_id, None)
         state.compacted_in_life = None
@@ -164,6 +178,16 @@ class AttnMatchScheduler(Scheduler):
         self._am_hit_block_ids.extend(b.block_id for b in blocks)
         return self.kv_cache_manager.create_kv_cache_blocks((blocks,)), layout.span_end, 0, False
 
+    def _prefix_hit_below_ceiling(self, request, state: RequestCompaction):
+        """An online request reuses ordinary cached blocks only below its ceiling, so that its first
+        prefill chunk can still stop at the ceiling and compact there."""
+        hit, num_tokens, boundary, flag = super()._get_local_prefix_cache_hit(request)
+        cap = (state.params.max_kv_tokens - 1) // self.block_size * self.block_size
+        if num_tokens <= cap:
+            return hit, num_tokens, boundary, flag
+        blocks = hit.blocks[0][: cap // self.block_size]
+        return self.kv_cache_manager.create_kv_cache_blocks((blocks,)), cap, min(boundary, cap), flag
+
     def _find_stored_prefix(self, request, state: RequestCompaction):
         """The longest stored compaction of a block-aligned prefix of this prompt, with this request's
         parameters and a span no longer than its own: questions of different lengths after the same
@@ -171,8 +195,8 @@ class AttnMatchScheduler(Scheduler):
         params, own = state.params, state.layout
         min_end = own.keep_first + max(1, self.attnmatch.min_prompt_tokens)
         for span_end in range(own.span_end, min_end - 1, -self.block_size):
-            layout = own if span_end == own.span_end else layout_for_span(
-                span_end, own.keep_first, params.ratio, params.target_tokens, self.block_size
+            layout = own if span_end == own.span_end else self._with_head_budgets(
+                layout_for_span(span_end, own.keep_first, params.ratio, params.target_tokens, self.block_size)
             )
             key = state.prefix_key if layout is own else self._am_store.prefix_key(request, layout, params.cache_key())
             if key is None:
@@ -181,6 +205,13 @@ class AttnMatchScheduler(Scheduler):
             if blocks is not None:
                 return layout, blocks
         return None
+
+    def _with_head_budgets(self, layout: CompactionLayout) -> CompactionLayout:
+        """Non-uniform head budgets need as many slots as the largest head budget."""
+        if self._am_head_plan is None:
+            return layout
+        targets = self._am_head_plan.targets(layout.span_tokens, layout.target)
+        return widen_layout(layout, max(max(row) for row in targets), self.block_size)
 
     # -- planning ----------------------------------------------------------------------------------
 
@@ -290,11 +321,19 @@ class AttnMatchScheduler(Scheduler):
             chunk_tokens=params.chunk_tokens,
             options=dict(self.attnmatch.algorithm),
             fault=self._injected_fault(request),
+            head_targets=self._head_targets(state, layout),
         )
         self._am_pending_jobs[request.request_id] = (job, dst)
         state.pending = job
         plan.jobs.append(job)
         return job
+
+    def _head_targets(self, state: RequestCompaction, layout: CompactionLayout):
+        if self._am_head_plan is None or layout.online:
+            return None  # online re-compaction stays uniform
+        own = state.layout
+        uniform = layout_for_span(own.span_end, own.keep_first, state.params.ratio, state.params.target_tokens, self.block_size)
+        return self._am_head_plan.targets(uniform.span_tokens, uniform.target)
 
     @staticmethod
     def _injected_fault(request) -> str | None:

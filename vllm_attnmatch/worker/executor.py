@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from typing import Protocol
 
 import torch
 
-from vllm_attnmatch.algorithms import compact, compact_chunked, group_queries
+from vllm_attnmatch.algorithms import compact, compact_chunked, compact_per_head, group_queries
 from vllm_attnmatch.engine.jobs import CompactionJob, CompactionResult
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 #: Debugging and parity tests: when set, every compacted layout is saved as <dir>/<req_id>.pt.
 DUMP_DIR_ENV = "VLLM_ATTNMATCH_DUMP_DIR"
@@ -72,8 +75,10 @@ def _inject(fault: str | None, result) -> None:
         result.values[..., 0] = float("nan")
 
 
-def _compact_span(job: CompactionJob, span_k, span_v, pooled, span_bias, kwargs):
+def _compact_span(job: CompactionJob, span_k, span_v, pooled, span_bias, kwargs, layer_index: int | None = None):
     target = job.layout.target
+    if job.head_targets is not None and layer_index is not None:
+        return compact_per_head(span_k, span_v, pooled, job.head_targets[layer_index], job.method, bias=span_bias, **kwargs)
     if job.chunk_tokens:
         return compact_chunked(span_k, span_v, pooled, target, job.chunk_tokens, job.method, bias=span_bias, **kwargs)
     return compact(span_k, span_v, pooled, target, method=job.method, bias=span_bias, **kwargs)
@@ -136,6 +141,7 @@ def compact_layer(
     scale: float,
     extra_queries: torch.Tensor | None = None,
     extra_positions: torch.Tensor | None = None,
+    layer_index: int | None = None,
 ):
     """Compact one layer's span; return the full new layout (keys, values, β) and the fit error."""
     layout = job.layout
@@ -160,23 +166,32 @@ def compact_layer(
         kwargs["key_positions"] = torch.arange(first, end)
     else:
         pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
-    result = _compact_span(job, span_k, span_v, pooled, None, kwargs)
+    result = _compact_span(job, span_k, span_v, pooled, None, kwargs, layer_index)
     _inject(job.fault, result)
     _check_finite(result)
-    num_heads, _, head_dim = keys.shape
-    pad = keys.new_zeros((num_heads, layout.pad, head_dim))
+    num_heads, kept, head_dim = result.keys.shape
+    short = layout.target - kept  # non-uniform heads: this layer's largest head is below the layout's
+    pad = keys.new_zeros((num_heads, short + layout.pad, head_dim))
     new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), pad, keys[:, end:]], dim=1)
     new_values = torch.cat([values[:, :first], result.values.to(values.dtype), pad, values[:, end:]], dim=1)
     beta = torch.cat(
         [
             torch.zeros(num_heads, first, device=keys.device),
             result.beta.float().to(keys.device),
-            torch.full((num_heads, layout.pad), float("-inf"), device=keys.device),
+            torch.full((num_heads, short + layout.pad), float("-inf"), device=keys.device),
             torch.zeros(num_heads, layout.tail_tokens, device=keys.device),
         ],
         dim=1,
     )
     return new_keys, new_values, beta, float(getattr(result, "fit_error", math.nan))
+
+
+def layer_index(name: str) -> int:
+    """``model.layers.12.self_attn.attn`` -> 12 (the order of per-layer settings such as head budgets)."""
+    match = _LAYER_INDEX.search(name)
+    if match is None:
+        raise ValueError(f"cannot tell the layer index of attention layer {name!r}")
+    return int(match.group(1))
 
 
 def run_job(
@@ -210,6 +225,7 @@ def run_job(
                     kv.scale(layer),
                     extra.queries.get(layer) if extra is not None else None,
                     extra.positions if extra is not None else None,
+                    layer_index(layer) if job.head_targets is not None else None,
                 )
             kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
             errors.append(fit_error)

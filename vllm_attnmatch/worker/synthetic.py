@@ -10,20 +10,18 @@ checkpoints; anything else falls back to context queries with a warning.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
+from vllm_attnmatch.worker.executor import layer_index
 from vllm_attnmatch.worker.query_sources import (
     REPEAT_PROMPT,
     SELF_STUDY_PROMPTS,
     repeat_queries,
     self_study_queries,
 )
-
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass
@@ -53,7 +51,7 @@ class SyntheticQueryProducer:
 
     def produce(self, job, kv, prompt_ids: list[int]) -> ExtraQueries:
         end = job.layout.span_end
-        names = sorted(kv.layer_names(), key=lambda n: int(_LAYER_INDEX.search(n).group(1)))
+        names = sorted(kv.layer_names(), key=layer_index)
         if len(names) != self.model.num_layers:
             raise ValueError(f"{len(names)} attention layers in the engine, {self.model.num_layers} in the checkpoint")
         cache, device = [], None

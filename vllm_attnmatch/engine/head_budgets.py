@@ -1,0 +1,46 @@
+"""Non-uniform per-head budgets in the engine (server setting ``head_budgets``).
+
+Some KV heads need many entries to reproduce their attention, others very few; a per-(layer, head)
+share file (the authors' ``{"L{layer}H{head}": share}`` schema, e.g. ``configs/head_budgets/*.json``)
+spreads a request's total budget accordingly. vLLM's paged layout is uniform, though: every layer and
+head of a request has the same number of slots, so the *physical* compacted span is as long as the largest
+head budget and the shorter heads are padded (β = -inf). ``head_budget_max_factor`` caps any head at that
+multiple of the uniform budget, which bounds the memory cost to the same factor.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from vllm_attnmatch.algorithms.budgets import head_budgets, load_head_shares
+from vllm_attnmatch.config import CONFIG_KEY, ConfigError
+
+
+def head_budget_path(name_or_path: str) -> Path:
+    """A bundled share file (``configs/head_budgets/<name>.json``) or a path to one."""
+    bundled = Path(str(resources.files("vllm_attnmatch.configs").joinpath("head_budgets", f"{name_or_path}.json")))
+    if bundled.is_file():
+        return bundled
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{CONFIG_KEY}.head_budgets", f"no bundled share file or path {name_or_path!r}")
+    return path
+
+
+class HeadBudgetPlan:
+    """Per-(layer, KV head) targets of a span, and the physical length they need."""
+
+    def __init__(self, name_or_path: str, num_layers: int, num_kv_heads: int, max_factor: float) -> None:
+        self.shares = load_head_shares(head_budget_path(name_or_path))
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.max_factor = max_factor
+        if not any(layer < num_layers and head < num_kv_heads for layer, head in self.shares):
+            raise ConfigError(f"{CONFIG_KEY}.head_budgets", f"{name_or_path!r} has no share for this model's heads")
+
+    def targets(self, span_tokens: int, uniform_target: int) -> tuple[tuple[int, ...], ...]:
+        """``(L, H)`` budgets with the same total as ``uniform_target`` per head (up to rounding)."""
+        cap = min(1.0, self.max_factor * uniform_target / span_tokens)
+        table = head_budgets(self.shares, self.num_layers, self.num_kv_heads, span_tokens, uniform_target, cap)
+        return tuple(tuple(int(x) for x in row) for row in table.tolist())
