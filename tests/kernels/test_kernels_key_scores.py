@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton_interpreter
 
-from vllm_attnmatch.kernels import score_keys, key_scores_ref, key_scores_triton  # noqa: E402
+from vllm_attnmatch.kernels import key_scores_ref, key_scores_triton, score_keys  # noqa: E402
 
 NEG_INF = float("-inf")
 

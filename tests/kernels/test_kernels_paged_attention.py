@@ -7,9 +7,9 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.triton_interpreter
 
 from vllm_attnmatch.kernels import (  # noqa: E402
-    paged_attention_with_bias,
     paged_attention_bias_ref,
     paged_attention_bias_triton,
+    paged_attention_with_bias,
 )
 
 NEG_INF = float("-inf")

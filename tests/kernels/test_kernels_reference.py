@@ -9,16 +9,15 @@ import sys
 
 import pytest
 import torch
-
 from vllm_attnmatch.kernels import (
     gather_paged_kv,
     gather_paged_kv_ref,
-    score_keys,
     key_scores_ref,
-    paged_attention_with_bias,
     paged_attention_bias_ref,
+    paged_attention_with_bias,
     scatter_paged_kv,
     scatter_paged_kv_ref,
+    score_keys,
     triton_available,
 )
 

@@ -2,11 +2,11 @@
 run on CPU through the kernels' torch references and checked against the plain biased attention."""
 
 import torch
+from vllm_attnmatch.kernels import gather_paged_kv, scatter_paged_kv
 
 from vllm_attnmatch.attention.cpu_paged import attention_with_bias
 from vllm_attnmatch.attention.step_context import StepContext
 from vllm_attnmatch.attention.triton_backend import biased_rows_attention
-from vllm_attnmatch.kernels import gather_paged_kv, scatter_paged_kv
 
 
 def test_biased_rows_attention_matches_per_request_reference():

@@ -29,6 +29,7 @@ from vllm_attnmatch.config import (
     parse_request_params,
     server_config_from,
 )
+from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
 from vllm_attnmatch.engine.jobs import (
     FAULT_INJECTION_ENV,
     FAULTS,
@@ -44,7 +45,6 @@ from vllm_attnmatch.engine.jobs import (
     plan_online_layout,
     widen_layout,
 )
-from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
 from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionManager, register_kv_cache_spec
 from vllm_attnmatch.engine.prefix_store import CompactedPrefixStore
 from vllm_attnmatch.metrics import CompactionStats
