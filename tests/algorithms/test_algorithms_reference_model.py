@@ -7,26 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from vllm_attnmatch.algorithms import budget, compact, group_queries
-from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
+from vllm_attnmatch.algorithms.reference_llama import LayerKV
 
 pytestmark = pytest.mark.model
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
 @pytest.fixture(scope="module")
-def setup():
-    from vllm_attnmatch.model import ensure_model
-
-    # One thread: on a shared 2-core box two spinning OpenMP threads ran these tests ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    folder = ensure_model()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids = tok(TEXT.read_text())["input_ids"]
-    yield folder, ReferenceLlama.from_pretrained(folder), ids
-    torch.set_num_threads(threads)
+def setup(bundled):
+    return bundled.folder, bundled.model, bundled.ids
 
 
 def test_reference_forward_matches_transformers(setup):

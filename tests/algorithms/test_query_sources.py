@@ -1,32 +1,18 @@
 """The synthetic reference-query sources on the bundled model (``am_queries`` repeat / self_study)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from vllm_attnmatch.algorithms.reference_llama import ReferenceLlama
 from vllm_attnmatch.worker.query_sources import repeat_queries, self_study_queries
 
 pytestmark = pytest.mark.model
-TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
 @pytest.fixture(scope="module")
-def setup():
-    from transformers import AutoTokenizer
-
-    from vllm_attnmatch.model import ensure_model
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    folder = ensure_model()
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids = tok(TEXT.read_text())["input_ids"][:96]
-    model = ReferenceLlama.from_pretrained(folder)
-    _, cache, _ = model.prefill(ids)
-    yield model, tok, ids, cache
-    torch.set_num_threads(threads)
+def setup(bundled):
+    ids = bundled.ids[:96]
+    _, cache, _ = bundled.model.prefill(ids)
+    return bundled.model, bundled.tokenizer, ids, cache
 
 
 def test_repeat_queries_are_those_of_the_repeated_copy_after_the_context(setup):
