@@ -1,5 +1,5 @@
 # The few commands a newcomer needs. Each one sets the .venv up first if needed.
-.PHONY: setup serve test test-fast bench lint
+.PHONY: setup serve test test-fast bench bench-quick lint
 
 setup:
 	bash scripts/setup.sh
@@ -13,8 +13,11 @@ test:
 test-fast:  # maths and config only, no server
 	bash scripts/test.sh -q -m "not server"
 
-bench:
-	bash scripts/setup.sh && .venv/bin/python benchmarks/fidelity_offline.py
+bench:  # fidelity through the server (~30 min on 2 cores), then the README's results
+	bash scripts/setup.sh && .venv/bin/python -m benchmarks run --suite fidelity --update-readme
+
+bench-quick:  # every suite at tiny sizes (a few minutes per server start); writes benchmarks/results/*_quick.*
+	bash scripts/setup.sh && .venv/bin/python -m benchmarks run --suite all --quick
 
 lint:
 	.venv/bin/python -m ruff check vllm_attnmatch kernels tests benchmarks || true

@@ -9,19 +9,33 @@ as a smoke check (its timings mean nothing and are not written unless ``--out`` 
   python benchmarks/kernels.py                         # GPU, all kernels, T = 4096, 16384, 32768
   python benchmarks/kernels.py --kernels paged_decode --seq-lens 32768 --batch 32
   python benchmarks/kernels.py --interpret             # CPU smoke check
+
+``paged_decode`` also times vLLM's own Triton decode kernel (``unified_attention``, no β) at the same KV
+length and batch when it can be imported (row ``vllm_decode``): the cost of the β-aware kernel against
+what stock vLLM runs. The suite form, ``python -m benchmarks run --suite kernels``, writes
+``benchmarks/results/kernels_latest.{json,md,png}``.
 """
 
+# ruff: noqa: B023 - each case's closures run inside its own loop iteration
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: import the benchmarks package, not sibling modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from pydantic import BaseModel, ConfigDict
+
+from benchmarks import output, plots
+from benchmarks.stamp import stamp
+
+NAME = "kernels"
 KERNELS = ("key_scores", "paged_decode", "paged_prefill", "gather", "scatter")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -46,15 +60,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def unavailable(interpret: bool) -> str | None:
+    """Why the benchmark cannot run here, or None."""
+    import torch
+
+    if not torch.cuda.is_available() and not interpret:
+        return "benchmarks/kernels.py needs a CUDA GPU (none found); use --interpret for a tiny CPU smoke check."
+    return None
+
+
+def _vllm_decode(query, kc, vc, table, cu, lens, scale, T):
+    """vLLM's stock Triton decode attention (no β) on the same paged cache, or None if it cannot be imported."""
+    try:
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except Exception:  # noqa: BLE001 - any import problem means: no comparison on this install
+        return None
+    out = query.new_empty(query.shape)
+
+    def run():
+        unified_attention(q=query, k=kc, v=vc, out=out, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=lens,
+                          max_seqlen_k=T, softmax_scale=scale, causal=True, window_size=(-1, -1),
+                          block_table=table, softcap=0, q_descale=None, k_descale=None, v_descale=None)
+        return out
+
+    return run
+
+
+def measure(args) -> tuple[list[dict], dict]:
+    """Run the selected kernels; rows and the meta stamp (needs CUDA, or ``args.interpret``)."""
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
-
-    if not torch.cuda.is_available() and not args.interpret:
-        print("benchmarks/kernels.py needs a CUDA GPU (none found); use --interpret for a tiny CPU smoke check.")
-        return 0
     import triton
 
     from vllm_attnmatch import kernels as K
@@ -100,7 +136,8 @@ def main(argv=None) -> int:
         table = perm[: nblk * num_seqs].reshape(num_seqs, nblk).contiguous()
         return kc, vc, bias, table
 
-    def run_case(kernel, T, extra, tri, ref, compare):
+    def run_case(kernel, T, extra, tri, ref, compare, foreign=False):
+        """``foreign``: the case calls vLLM internals; any error is recorded in the row, not raised."""
         row = dict(kernel=kernel, T=T, **extra)
         try:
             out_t = tri()
@@ -113,6 +150,10 @@ def main(argv=None) -> int:
         except torch.OutOfMemoryError as e:  # the dense reference is the usual victim at 32k
             row["error"] = f"OOM: {str(e).splitlines()[0]}"
             torch.cuda.empty_cache()
+        except Exception as e:
+            if not foreign:
+                raise
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         rows.append(row)
         t_ms = f"{row['triton_ms']:.3f}" if "triton_ms" in row else "-"
         r_ms = f"{row['torch_ms']:.3f}" if "torch_ms" in row else "-"
@@ -130,7 +171,7 @@ def main(argv=None) -> int:
             bias = randn(H, T, dt=torch.float32)
             qpos = torch.sort(torch.randint(0, T, (n,), device=device, generator=gen)).values
             kpos = torch.arange(T, device=device)
-            run_case("key_scores", T, dict(n=n, causal=True),
+            run_case("key_scores", T, {"n": n, "causal": True},
                      lambda: K.key_scores_triton(q, k, scale, bias, qpos, kpos),
                      lambda: K.key_scores_ref(q, k, scale, bias, qpos, kpos),
                      lambda a, b: max(maxdiff(x, y) for x, y in zip(a, b)))
@@ -142,11 +183,19 @@ def main(argv=None) -> int:
             cu = torch.arange(B + 1, device=device, dtype=torch.int32)
             lens = torch.full((B,), T, device=device, dtype=torch.int32)
             for splits in (1, None):  # one program per (sequence, KV head) vs the automatic split-KV factor
-                run_case("paged_decode", T, dict(batch=B, splits=splits or "auto"),
+                run_case("paged_decode", T, {"batch": B, "splits": splits or "auto"},
                          lambda: K.paged_attention_bias_triton(query, kc, vc, bias, table, cu, lens, scale,
                                                                max_seqlen_q=1, max_seqlen_k=T, num_splits=splits),
                          lambda: K.paged_attention_bias_ref(query, kc, vc, bias, table, cu, lens, scale),
                          maxdiff)
+            stock = None if args.interpret else _vllm_decode(query, kc, vc, table, cu, lens, scale, T)
+            if stock is not None:  # same KV length, no β: triton_ms = vLLM's kernel, torch_ms = ours with β
+                zero = torch.zeros_like(bias)
+                run_case("vllm_decode", T, {"batch": B, "vs": "attnmatch β kernel"}, stock,
+                         lambda: K.paged_attention_bias_triton(query, kc, vc, bias, table, cu, lens, scale,
+                                                               max_seqlen_q=1, max_seqlen_k=T),
+                         lambda a, b: maxdiff(a, K.paged_attention_bias_ref(query, kc, vc, zero, table, cu, lens, scale)),
+                         foreign=True)
             del kc, vc, bias, table
         if "paged_prefill" in selected:
             c = min(args.chunk, T)
@@ -154,7 +203,7 @@ def main(argv=None) -> int:
             query = randn(c, H * G, d)
             cu = torch.tensor([0, c], device=device, dtype=torch.int32)
             lens = torch.tensor([T], device=device, dtype=torch.int32)
-            run_case("paged_prefill", T, dict(chunk=c),
+            run_case("paged_prefill", T, {"chunk": c},
                      lambda: K.paged_attention_bias_triton(query, kc, vc, bias, table, cu, lens, scale, max_seqlen_q=c),
                      lambda: K.paged_attention_bias_ref(query, kc, vc, bias, table, cu, lens, scale),
                      maxdiff)
@@ -183,37 +232,92 @@ def main(argv=None) -> int:
                     K.scatter_paged_kv_ref(keys, values, beta, *caches_r, dst)
                     return caches_r
 
-                run_case("scatter", T, dict(t=t),
+                run_case("scatter", T, {"t": t},
                          _tri, _ref, lambda a, b: max(maxdiff(x, y) for x, y in zip(a, b)))
             del kc, vc, bias, table
 
-    if args.interpret:
-        gpu = "interpreter"
-    else:
-        gpu = torch.cuda.get_device_name()
-    meta = dict(
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
-        utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        machine=dict(host=platform.node(), platform=platform.platform(), device=gpu,
-                     interpret=bool(args.interpret)),
-        versions=dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-                      cuda=torch.version.cuda),
-        shapes=dict(dtype=args.dtype, head_dim=d, kv_heads=H, group=G, block_size=bs, queries=args.queries,
-                    batch=args.batch, chunk=args.chunk, ratio=args.ratio),
+    gpu = "interpreter" if args.interpret else torch.cuda.get_device_name()
+    meta = stamp()
+    meta["machine"].update(device=gpu, interpret=bool(args.interpret))
+    meta["versions"]["cuda"] = torch.version.cuda
+    meta.update(
+        shapes={"dtype": args.dtype, "head_dim": d, "kv_heads": H, "group": G, "block_size": bs, "queries": args.queries,
+                    "batch": args.batch, "chunk": args.chunk, "ratio": args.ratio},
         timing="triton.testing.do_bench median ms (warmup 25 ms, rep 100 ms)" if not args.interpret
         else "interpreter, one call, not a performance number",
     )
+    return rows, meta
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reason = unavailable(args.interpret)
+    if reason:
+        print(reason)
+        return 0
+    rows, meta = measure(args)
     if args.interpret and not args.out:
         print("interpreter smoke check done (nothing written; pass --out to keep the JSON)")
         return 0 if all("error" not in r for r in rows) else 1
+    gpu = meta["machine"]["device"]
     out = Path(args.out) if args.out else RESULTS_DIR / (
         "kernels_" + "".join(ch if ch.isalnum() else "-" for ch in gpu).strip("-").lower()
         + "_" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + ".json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+# -- suite form (python -m benchmarks run --suite kernels) ---------------------------------------------------
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kernels: list[str] = list(KERNELS)
+    seq_lens: list[int] = [4096, 16384, 32768]
+    dtype: str = "bf16"
+    interpret: bool = False  # set from TRITON_INTERPRET=1 when there is no GPU
+
+
+QUICK = {"seq_lens": [4096]}
+
+
+class Skipped(Exception):
+    """The suite cannot run on this machine (the message says why)."""
+
+
+def steps(cfg: Config) -> int:
+    return 1
+
+
+def run(cfg: Config, endpoint, run_id: str, progress) -> dict:
+    interpret = cfg.interpret or os.environ.get("TRITON_INTERPRET") == "1"
+    reason = unavailable(interpret)
+    if reason:
+        raise Skipped("kernels suite skipped: no CUDA GPU (set TRITON_INTERPRET=1 for a tiny CPU smoke check)")
+    argv = ["--kernels", ",".join(cfg.kernels), "--seq-lens", ",".join(map(str, cfg.seq_lens)), "--dtype", cfg.dtype]
+    rows, meta = measure(parse_args(argv + (["--interpret"] if interpret else [])))
+    progress.update()
+    return {"device": meta["machine"]["device"], "shapes": meta["shapes"], "timing": meta["timing"], "results": rows}
+
+
+def markdown(result: dict) -> str:
+    from benchmarks.stamp import describe
+
+    body = [[r["kernel"], r["T"], " ".join(f"{k}={r[k]}" for k in ("n", "batch", "splits", "chunk", "t") if k in r),
+             output.fmt(r.get("triton_ms"), ".3f"), output.fmt(r.get("torch_ms"), ".3f"), output.fmt(r.get("speedup"), ".2f"),
+             output.fmt(r.get("max_abs_diff"), ".1e"), r.get("error", "")] for r in result["results"]]
+    return "\n".join([
+        f"# Triton kernels vs torch references on {result['device']}", "",
+        f"`{result['meta']['command']}`  ", describe(result["meta"]), "",
+        (f"Shapes: `{json.dumps(result['shapes'])}`; {result['timing']}. Row `vllm_decode`: the first time column "
+        "is vLLM's own decode kernel (no β), the second this plugin's β-aware kernel at the same KV length."), "",
+        *output.table(["kernel", "T", "shape", "triton ms", "reference ms", "speedup", "max abs diff", "error"], body),
+    ])
+
+
+plot = plots.kernels
 
 
 if __name__ == "__main__":

@@ -3,24 +3,24 @@
 Sends ``--requests`` requests at once (compacting with several methods, non-compacting, compacted-prefix
 hits, streaming and non-streaming, some aborted mid-stream by the client) and reports: errors, whether
 every non-compacting request produced stock vLLM's greedy tokens (a second server without the plugin
-section), and whether the KV pool's free-block count returned to its start value.
+section), and whether the KV pool's free-block count returned to its start value. The load itself is
+``vllm_attnmatch.launch.run_mixed_load``, shared with the end-to-end tests.
 
-    python benchmarks/load.py --requests 64
+    python -m benchmarks load --requests 64
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from datetime import datetime, timezone
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from . import output, texts
+from .serving import PLUGIN
+from .stamp import stamp
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=24)
     args = parser.parse_args(argv)
@@ -28,30 +28,21 @@ def main(argv=None) -> int:
     from vllm_attnmatch.launch import Server, run_mixed_load
     from vllm_attnmatch.model import ensure_model
 
-    text = Path("/usr/share/common-licenses/GPL-3").read_text()
+    meta = stamp()
     model = ensure_model()
-    plugin = Server("load-plugin", model, {"attnmatch": {"preset": "default"}}, ["--enforce-eager"], kv_cache_gib=1)
+    plugin = Server("load-plugin", model, PLUGIN, ["--enforce-eager"], kv_cache_gib=1)
     stock = Server("load-stock", model, None, ["--enforce-eager"], kv_cache_gib=1)
     try:
         plugin.wait_ready()
         stock.wait_ready()
-        report = run_mixed_load(plugin, stock, text, args.requests, args.max_tokens)
+        report = run_mixed_load(plugin, stock, texts.read("GPL-3"), args.requests, args.max_tokens)
         metrics = plugin.metrics()
     finally:
         plugin.stop()
         stock.stop()
-    report.update(
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        command="python " + " ".join(sys.argv),
-        compactions=metrics.get("compactions"),
-        failures=metrics.get("failures"),
-        prefix_hits=metrics.get("prefix_hits"),
-    )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "load_latest.json").write_text(json.dumps(report, indent=1))
+    report.update(compactions=metrics.get("compactions"), failures=metrics.get("failures"),
+                  prefix_hits=metrics.get("prefix_hits"))
+    result = {"suite": "load", "meta": meta, **report}
+    output.write(result, "load_latest", "```json\n" + json.dumps(result, indent=1) + "\n```")
     print(json.dumps(report, indent=1))
     return 0 if not report["errors"] and not report["isolation_mismatches"] and report["leaked_blocks"] == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

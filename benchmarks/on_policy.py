@@ -4,24 +4,22 @@ Off-policy: every layer's reference queries come from teacher-forcing "repeat th
 the document over the *full* cache. On-policy: layer ℓ's come from the same text over a cache whose
 layers < ℓ are already compacted (``algorithms.compact_model_on_policy``).
 
-    python benchmarks/on_policy.py [--text GPL-3] [--ratio 0.1] [--doc-tokens 1024]
+    python -m benchmarks on-policy [--text GPL-3] [--ratio 0.1] [--doc-tokens 1024]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity_offline import REPEAT_PROMPT, RESULTS, Workload, stamp  # noqa: E402
+from vllm_attnmatch.algorithms import budget, compact_model_on_policy
 
-from vllm_attnmatch.algorithms import budget, compact_model_on_policy  # noqa: E402
+from . import output
+from .offline import REPEAT_PROMPT, Workload, run_one, stamp
 
 
 def continuation_kl(w: Workload, cache) -> float:
@@ -31,7 +29,7 @@ def continuation_kl(w: Workload, cache) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks on-policy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--text", default="GPL-3")
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--method", default="highest_attention")
@@ -52,8 +50,6 @@ def main(argv=None) -> int:
     query_ids = tok(REPEAT_PROMPT, add_special_tokens=False)["input_ids"] + w.doc
     target = budget(len(w.doc), ratio=args.ratio)
     rows = {}
-    from fidelity_offline import run_one
-
     started = time.perf_counter()
     off = run_one(w, args.method, args.ratio, "repeat")
     rows["off-policy repeat"] = {"kl": off["kl"], "dnll_pct": off["dnll_pct"], "seconds": time.perf_counter() - started}
@@ -62,12 +58,12 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - started
     kl = continuation_kl(w, cache)
     rows["on-policy repeat"] = {"kl": kl, "seconds": seconds}
-    report = {"meta": stamp(sys.argv), "text": args.text, "ratio": args.ratio, "method": args.method, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "offline_on_policy.json").write_text(json.dumps(report, indent=1))
+    report = {"suite": "on_policy", "meta": stamp(), "text": args.text, "ratio": args.ratio, "method": args.method,
+              "rows": rows}
+    md = "\n".join([f"# On-policy vs off-policy queries ({args.text}, ratio {args.ratio}, {args.method})", "",
+                     f"`{report['meta']['command']}`", "",
+                     *output.table(["queries", "continuation KL", "seconds"],
+                                   [[k, f"{v['kl']:.4f}", f"{v['seconds']:.1f}"] for k, v in rows.items()])])
+    output.write(report, "offline_on_policy", md)
     print(json.dumps(report, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,53 +1,115 @@
-"""Regenerate the README's result tables from the latest benchmark results (between BEGIN/END markers).
+"""Regenerate the README's results from the latest benchmark JSON (between ``<!-- BEGIN x -->`` / ``<!-- END x -->``).
 
-    python benchmarks/update_readme.py
+Why generated: the README states what compaction costs and buys; those sentences and tables are computed
+from ``benchmarks/results/<suite>_latest.json`` so they can never drift from the measurements. Quick
+smoke runs (``*_quick.json``) are never used. A suite not measured yet says so and gives the command.
+
+    python -m benchmarks readme          (or: python benchmarks/update_readme.py)
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: import the benchmarks package, not sibling modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks import answers, output
+from benchmarks.stamp import describe
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+LINK = "benchmarks/results"
+FULL_COMMANDS = {
+    "fidelity": "python -m benchmarks run --suite fidelity",
+    "speed": "python -m benchmarks run --suite speed",
+    "memory": "python -m benchmarks run --suite memory",
+}
 
 
-def serve_fidelity_table() -> str:
-    cells = json.loads((RESULTS / "serve_fidelity_latest.json").read_text())["cells"]
-    methods = list(dict.fromkeys(c["method"] for c in cells))
-    ratios = sorted({c["ratio"] for c in cells}, reverse=True)
-
-    def mean(method, ratio, key):
-        values = [c[key] for c in cells if c["method"] == method and c["ratio"] == ratio]
-        return sum(values) / len(values)
-
-    lines = ["| method | " + " | ".join(f"r={r}" for r in ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
-    for m in methods:
-        row = [f"{mean(m, r, 'delta_nll_pct'):+.2f} / {mean(m, r, 'kl_at_20'):.4f}" for r in ratios]
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+def _missing(suite: str) -> list[str]:
+    return [f"*Not measured yet* — run `{FULL_COMMANDS[suite]}`, then `python -m benchmarks readme`."]
 
 
-def prefix_reuse_table() -> str:
-    text = (RESULTS / "prefix_reuse_latest.md").read_text()
-    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
+def _source(result: dict, suite: str) -> str:
+    return (f"`{result['meta']['command']}` — {describe(result['meta'])} "
+            f"([table]({LINK}/{suite}_latest.md), [JSON]({LINK}/{suite}_latest.json))")
 
 
-SECTIONS = {"serve_fidelity": serve_fidelity_table, "prefix_reuse": prefix_reuse_table}
+def fidelity_block(result: dict | None) -> list[str]:
+    from benchmarks.fidelity import grid
+
+    if result is None:
+        return _missing("fidelity")
+    cfg = result["config"]
+    return [
+        _source(result, "fidelity"), "",
+        (f"Texts {', '.join(cfg['texts'])}: a {cfg['doc_tokens']}-token document is reduced to the budget, then the next "
+        f"{cfg['cont_tokens']} tokens are scored after it through the server (prompt logprobs), mean over texts."), "",
+        *answers.fidelity_lines(answers.fidelity(result)), "",
+        f"![fidelity vs ratio]({LINK}/fidelity_latest.png)", "",
+        "ΔNLL of the continuation, % of the full-context NLL (lower is better):", "",
+        *grid(result, "delta_nll_pct", "+.2f"), "",
+        f"KL@{cfg['top']}(full ‖ reduced) per token:", "",
+        *grid(result, "kl", ".4f"),
+    ]
 
 
-def main() -> int:
+def speed_block(result: dict | None) -> list[str]:
+    if result is None:
+        return _missing("speed")
+    from benchmarks.speed import markdown
+
+    table = [line for line in markdown(result).splitlines() if line.startswith("|")]
+    return [_source(result, "speed"), "", *answers.speed_lines(answers.speed(result)), "",
+            f"![compaction vs prefill time]({LINK}/speed_latest.png)", "", *table]
+
+
+def memory_block(result: dict | None) -> list[str]:
+    if result is None:
+        return _missing("memory")
+    from benchmarks.memory import markdown
+
+    table = [line for line in markdown(result).splitlines() if line.startswith("|")]
+    return [_source(result, "memory"), "", *answers.memory_lines(answers.memory(result)), "",
+            f"![concurrency in a small pool]({LINK}/memory_latest.png)", "", *table]
+
+
+def snippet(path: Path) -> str:
+    """A study's ``<name>_latest.md`` as it stands, without its ``#`` title (the README has its own)."""
+    return "\n".join(line for line in path.read_text().splitlines() if not line.startswith("# ")).strip()
+
+
+def sections(directory: Path = output.RESULTS, readme: str = "") -> dict[str, str]:
+    """Marker name → generated markdown: the suites from their ``*_latest.json``, and every other marker
+    of ``readme`` that has a ``<name>_latest.md`` in ``directory`` from that file."""
+    out = {
+        "fidelity": "\n".join(fidelity_block(output.read("fidelity_latest", directory))),
+        "speed": "\n".join(speed_block(output.read("speed_latest", directory))),
+        "memory": "\n".join(memory_block(output.read("memory_latest", directory))),
+    }
+    for name in re.findall(r"<!-- BEGIN (\w+) -->", readme):
+        if name not in out and (directory / f"{name}_latest.md").exists():
+            out[name] = snippet(directory / f"{name}_latest.md")
+    return out
+
+
+def replace(text: str, generated: dict[str, str]) -> str:
+    """``text`` with every marked section replaced; a missing marker is an error (the README moved on)."""
+    for name, body in generated.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)", re.DOTALL)
+        if not pattern.search(text):
+            raise SystemExit(f"README has no <!-- BEGIN {name} --> / <!-- END {name} --> markers")
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+    return text
+
+
+def main(argv=None) -> int:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    for name, build in SECTIONS.items():
-        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)", re.S)
-        if not pattern.search(text):
-            print(f"README has no {name} markers", file=sys.stderr)
-            return 1
-        text = pattern.sub(lambda m: m.group(1) + build() + m.group(2), text)
-    readme.write_text(text)
+    readme.write_text(replace(text, sections(readme=text)))
+    print(f"updated {readme}")
     return 0
 
 

@@ -11,20 +11,16 @@ the seconds to compact all layers. Query sources: ``context`` (D's own prefill q
 
 Writes ``benchmarks/results/<prefix>.json``, ``.md`` and ``.png`` stamped with machine, versions and command.
 
-    python benchmarks/fidelity_offline.py                       # the full grid (~15 min on 2 cores)
-    python benchmarks/fidelity_offline.py --ratios 0.1 --methods highest_attention h2o --texts GPL-3
+    python -m benchmarks offline                       # the full grid (~15 min on 2 cores)
+    python -m benchmarks offline --ratios 0.1 --methods highest_attention h2o --texts GPL-3
+    python -m benchmarks offline --timing 1024 4096    # only compaction time vs the reference prefill
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +29,10 @@ from vllm_attnmatch.algorithms import BASELINES, METHODS, budget, compact, group
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
 from vllm_attnmatch.algorithms.targets import compute_targets
 
-LICENSES = Path("/usr/share/common-licenses")
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import output, plots, texts
+from .stamp import describe
+from .stamp import stamp as _stamp
+
 REPEAT_PROMPT = "\n<|im_start|>user\nRepeat the previous context verbatim.<|im_end|>\n<|im_start|>assistant\n"
 QUERY_FREE = ("streaming", "truncate", "random")  # same result whatever the query source
 
@@ -44,14 +42,9 @@ class Workload:
 
     def __init__(self, model: ReferenceLlama, tokenizer, name: str, doc_tokens: int, cont_tokens: int,
                  sources: tuple[str, ...]):
-        path = Path(name) if os.path.sep in name else LICENSES / name
-        ids = tokenizer(path.read_text())["input_ids"]
-        if len(ids) < doc_tokens + cont_tokens:
-            raise SystemExit(f"{path} has {len(ids)} tokens < {doc_tokens + cont_tokens}")
-        self.name = path.name
+        self.name = texts.path_of(name).name
         self.model = model
-        self.doc = ids[:doc_tokens]
-        self.cont = ids[doc_tokens:doc_tokens + cont_tokens]
+        self.doc, self.cont = texts.split(texts.token_ids(tokenizer, name), doc_tokens, cont_tokens, name)
         t0 = time.perf_counter()
         _, self.cache, qs = model.prefill(self.doc)
         self.prefill_s = time.perf_counter() - t0
@@ -118,21 +111,14 @@ def run_one(w: Workload, method: str, ratio: float, source: str, options: dict |
     }
 
 
-def stamp(argv) -> dict:
-    import transformers
-
-    return {
-        "machine": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "command": " ".join(["python", *argv]), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+def stamp() -> dict:
+    """The shared stamp plus the torch thread count (it decides the timings here)."""
+    return {**_stamp(), "torch_threads": torch.get_num_threads()}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Offline fidelity ({meta['utc']})", "", f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['machine']} ({meta['cpu_count']} CPUs, torch {meta['torch']}, "
-             f"{meta['torch_threads']} threads)", "",
+             f"{describe(meta)} · {meta['torch_threads']} torch threads", "",
              "Cell: mean continuation KL(full‖compacted) / ΔNLL % of full NLL. Lower is better.", ""]
     ratios = sorted({r["ratio"] for r in rows}, reverse=True)
     for text in sorted({r["text"] for r in rows}):
@@ -162,46 +148,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted({(r["text"], r["source"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
-    for ax, (text, source) in zip(axes[0], keys):
-        for m in METHODS:
-            sub = sorted([r for r in rows if r["text"] == text and r["source"] == source and r["method"] == m],
-                         key=lambda r: r["ratio"])
-            if sub:
-                ax.plot([r["ratio"] for r in sub], [r["kl"] for r in sub], marker="o", label=m,
-                        linewidth=2.5 if m in ("highest_attention", "omp") else 1.2)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ratios = sorted({r["ratio"] for r in rows})
-        ax.set_xticks(ratios)
-        ax.set_xticklabels([f"{x:g}" for x in ratios])
-        ax.minorticks_off()
-        ax.set_xlabel("kept ratio")
-        ax.set_ylabel("continuation KL(full‖compacted)")
-        ax.set_title(f"{text} · {source} queries")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def timing(model, tok, text: str, T: int, ratio: float, methods, options: dict | None = None, repeats: int = 1) -> dict:
     """Seconds to compact all layers at ``T`` tokens next to the prefill of those tokens."""
-    path = Path(text) if os.path.sep in text else LICENSES / text
-    ids = tok(path.read_text())["input_ids"][:T]
+    ids = texts.token_ids(tok, text)[:T]
     t0 = time.perf_counter()
     _, cache, qs = model.prefill(ids)
     prefill_s = time.perf_counter() - t0
     H = model.num_kv_heads
     grouped = [group_queries(q, H, torch.arange(len(ids))) for q in qs]
-    out = {"text": path.name, "T": len(ids), "ratio": ratio, "prefill_s": prefill_s, "methods": {}}
+    out = {"text": texts.path_of(text).name, "T": len(ids), "ratio": ratio, "prefill_s": prefill_s, "methods": {}}
     for m in methods:
         best = float("inf")
         for _ in range(repeats):
@@ -215,8 +170,7 @@ def timing(model, tok, text: str, T: int, ratio: float, methods, options: dict |
 
 
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks offline", description=__doc__.split("\n")[0])
     ap.add_argument("--texts", nargs="+", default=["GPL-3", "Apache-2.0"],
                     help="files in /usr/share/common-licenses (or paths)")
     ap.add_argument("--doc-tokens", type=int, default=1024)
@@ -243,22 +197,20 @@ def main(argv=None) -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     am_options = json.loads(args.options)
     if args.timing is not None:
-        meta = stamp(["benchmarks/fidelity_offline.py", *argv])
+        meta = stamp()
         res = [timing(model, tok, args.texts[0], T, args.ratios[0], args.methods, am_options)
                for T in (args.timing or [1024, 4096])]
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.prefix}.json").write_text(json.dumps({"meta": meta, "timing": res}, indent=1))
         lines = [f"# Compaction time, all {model.num_layers} layers ({meta['utc']})", "", f"Command: `{meta['command']}`  ",
-                 f"AM options: `{json.dumps(am_options)}` (defaults where empty). Prefill = the reference torch "
-                 "forward of the same tokens, same threads.  ",
-                 f"Machine: {meta['machine']} ({meta['cpu_count']} CPUs, {meta['torch_threads']} threads; shared, "
-                 "other jobs were running)", "", "| T | ratio | prefill s | method | compact s | share of prefill |",
+                 (f"AM options: `{json.dumps(am_options)}` (defaults where empty). Prefill = the reference torch "
+                  "forward of the same tokens, same threads.  "),
+                 f"{describe(meta)} · {meta['torch_threads']} torch threads", "",
+                 "| T | ratio | prefill s | method | compact s | share of prefill |",
                  "|---|---|---|---|---|---|"]
         for r in res:
             for m, v in r["methods"].items():
                 lines.append(f"| {r['T']} | {r['ratio']} | {r['prefill_s']:.2f} | {m} | {v['compact_s']:.2f} | "
                              f"{100 * v['share_of_prefill']:.1f} % |")
-        (RESULTS / f"{args.prefix}.md").write_text("\n".join(lines) + "\n")
+        output.write({"suite": "offline_timing", "meta": meta, "timing": res}, args.prefix, "\n".join(lines))
         print("\n".join(lines))
         return
     rows = []
@@ -276,24 +228,17 @@ def main(argv=None) -> None:
                         row = run_one(w, m, r, s, am_options if m not in BASELINES else None)
                         reuse[(m, r)] = row
                     rows.append(row)
-                    write(rows, argv, args.prefix, png=False)
+                    write(rows, args.prefix, png=False)
                     bar.set_postfix_str(f"{w.name} {s} {m} r={r} kl={row['kl']:.3f}")
                     bar.update()
     bar.close()
-    print(write(rows, argv, args.prefix, png=True))
+    print(write(rows, args.prefix, png=True))
 
 
-def write(rows, argv, prefix, png: bool) -> str:
-    meta = stamp(["benchmarks/fidelity_offline.py", *argv])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / prefix
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+def write(rows, prefix, png: bool) -> str:
+    """Rewritten after every cell, so an interrupted run keeps what it measured."""
+    meta = stamp()
     md = markdown(rows, meta)
-    out.with_suffix(".md").write_text(md)
-    if png:
-        plot(rows, out.with_suffix(".png"))
+    output.write({"suite": "offline", "meta": meta, "rows": rows}, prefix, md,
+                 (lambda result, path: plots.offline(rows, path, METHODS)) if png else None)
     return md
-
-
-if __name__ == "__main__":
-    main()

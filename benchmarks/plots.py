@@ -1,0 +1,171 @@
+"""The figures of each suite (matplotlib, Agg backend, PNG next to the JSON).
+
+Why one module: the same conventions everywhere — AM methods drawn thick, text baselines dashed, ratios
+on a log axis with readable ticks — and matplotlib imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+AM = ("highest_attention", "omp")
+TEXT = ("summary", "summary_am")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(method: str) -> dict:
+    if method in AM:
+        return {"lw": 2.6, "marker": "o"}
+    if method in TEXT:
+        return {"lw": 1.6, "ls": "--", "marker": "s"}
+    return {"lw": 1.1, "marker": "."}
+
+
+def _ratio_axis(ax, ratios) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(ratios))
+    ax.set_xticklabels([f"{r:g}" for r in sorted(ratios)])
+    ax.minorticks_off()
+    ax.set_xlabel("kept ratio (log)")
+    ax.grid(alpha=0.3)
+
+
+def _title(fig, result: dict, text: str) -> None:
+    m = result["meta"]["machine"]
+    device = m.get("gpu") or f"{m.get('usable_cores')} CPU cores"
+    fig.suptitle(f"{text} — {device}, {result['meta']['utc'][:10]}{' (quick)' if result.get('quick') else ''}")
+
+
+def fidelity(result: dict, path: Path) -> None:
+    from .fidelity import mean_cell
+
+    plt = _pyplot()
+    cfg, cells = result["config"], result["cells"]
+    panels = (("delta_nll_pct", "ΔNLL of continuation (% of full)"), ("kl", f"KL@{cfg['top']}(full ‖ reduced) per token"),
+              ("top1_agreement", "teacher-forced top-1 agreement"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for method in cfg["methods"]:
+        ratios = [r for r in cfg["ratios"] if mean_cell(cells, method, r, "kl") is not None]
+        if not ratios:
+            continue
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot(ratios, [mean_cell(cells, method, r, key) for r in ratios], label=method, **_style(method))
+    for ax, (key, label) in zip(axes, panels):
+        _ratio_axis(ax, cfg["ratios"])
+        ax.set_ylabel(label)
+    axes[0].axhline(2.0, color="grey", lw=0.8, ls=":")
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    _title(fig, result, f"Fidelity vs kept ratio ({', '.join(cfg['texts'])}, document {cfg['doc_tokens']} tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def speed(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    rows = result["rows"]
+    lengths = [r["tokens"] for r in rows]
+    methods = list(rows[0]["compacted"]) if rows else []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    left.plot(lengths, [r["stock"]["prefill_s"] for r in rows], marker="o", color="black", label="prefill (stock TTFT)")
+    for m in methods:
+        left.plot(lengths, [r["compacted"][m]["compaction_s"] for r in rows], label=f"compaction, {m}", **_style(m))
+    left.set_ylabel("seconds")
+    right.plot(lengths, [_ms(r["stock"]["tpot_s"]) for r in rows], marker="o", color="black", label="stock")
+    for m in methods:
+        right.plot(lengths, [_ms(r["compacted"][m]["tpot_s"]) for r in rows], label=f"compacted r={result['config']['ratio']}, {m}",
+                   **_style(m))
+    right.set_ylabel("decode ms / output token")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([str(x) for x in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("context tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _title(fig, result, "Compaction vs prefill time, and decode step time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ms(seconds):
+    return None if seconds is None else 1e3 * seconds
+
+
+def memory(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for mode in dict.fromkeys(r["mode"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["mode"] == mode]
+        ks = [r["concurrency"] for r in rows]
+        left.plot(ks, [r["peak_running"] for r in rows], marker="o", label=f"{mode}: peak running")
+        left.plot(ks, [r["preemptions"] for r in rows], marker="x", ls="--", label=f"{mode}: preemptions")
+        right.plot(ks, [r["peak_blocks_held"] for r in rows], marker="o", label=mode)
+    right.axhline(result["pool_blocks"], color="grey", lw=0.8, ls=":", label="pool")
+    left.set_ylabel("requests")
+    right.set_ylabel("peak KV blocks held")
+    for ax in (left, right):
+        ax.set_xlabel("requests sent at once")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _title(fig, result, f"Long requests in a {result['pool_blocks']}-block KV pool")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def kernels(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    rows = [r for r in result["results"] if "triton_ms" in r]
+    names = list(dict.fromkeys(r["kernel"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for variant in dict.fromkeys(str(r.get("splits", "")) for r in rows if r["kernel"] == name):
+            sub = [r for r in rows if r["kernel"] == name and str(r.get("splits", "")) == variant]
+            label = f" splits={variant}" if variant else ""
+            ax.plot([r["T"] for r in sub], [r["triton_ms"] for r in sub], marker="o", label="triton" + label)
+            if any("torch_ms" in r for r in sub):
+                ax.plot([r["T"] for r in sub], [r.get("torch_ms") for r in sub], marker="x", ls="--", label="reference" + label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("KV tokens")
+        ax.set_ylabel("ms")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _title(fig, result, "Triton kernels vs references")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def offline(rows: list[dict], path: Path, methods) -> None:
+    """Algorithm-level fidelity: continuation KL vs ratio, one panel per (text, query source)."""
+    plt = _pyplot()
+    keys = sorted({(r["text"], r["source"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
+    for ax, (text, source) in zip(axes[0], keys):
+        for m in methods:
+            sub = sorted([r for r in rows if r["text"] == text and r["source"] == source and r["method"] == m],
+                         key=lambda r: r["ratio"])
+            if sub:
+                ax.plot([r["ratio"] for r in sub], [r["kl"] for r in sub], label=m, **_style(m))
+        _ratio_axis(ax, {r["ratio"] for r in rows})
+        ax.set_yscale("log")
+        ax.set_ylabel("continuation KL(full‖compacted)")
+        ax.set_title(f"{text} · {source} queries")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+"""Speed suite: what compaction costs next to prefill, and what it does to the decode step, per context length.
+
+For each context length L (real text), on one server:
+- a stock request (no ``am_*`` keys): its time to first token is the prefill time (client side; vLLM's
+  own ``vllm:request_prefill_time_seconds`` is recorded next to it), and the mean time between streamed
+  tokens after the first is the decode step time at a KV length of about L;
+- per compaction method, the same prompt with ``am_ratio``: compaction seconds come from the plugin's
+  ``vllm_attnmatch_compaction_seconds_total`` counter, the decode step time is measured the same way, now
+  at a KV length of about ratio·L (plus the raw tail and block padding; ``kv_entries`` records it).
+
+Every request carries a fresh ``cache_salt``, so nothing is served from the prefix cache. One warm-up
+request of each kind runs first. With ``repeats`` > 1 each number is the minimum over the repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from . import output, plots, texts
+from .fidelity import SPEC
+from .serving import Endpoint, ServerSpec, delta
+
+NAME = "speed"
+MAX_MODEL_LEN = SPEC.max_model_len
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lengths: list[int] = [1024, 2048, 4096, 8064]
+    methods: list[str] = ["highest_attention"]
+    ratio: float = 0.1
+    decode_tokens: int = 64
+    keep_last: int = 16
+    repeats: int = 1
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths(cls, v):
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if max(self.lengths) + self.decode_tokens > MAX_MODEL_LEN:
+            raise ValueError(f"longest length + decode tokens must be ≤ {MAX_MODEL_LEN} (the model's context)")
+        if not 0 < self.ratio <= 1:
+            raise ValueError("ratio must be in (0, 1]")
+        return self
+
+
+QUICK = {"lengths": [256, 512], "decode_tokens": 8}
+
+
+def spec(cfg: Config) -> ServerSpec:
+    return SPEC
+
+
+def steps(cfg: Config) -> int:
+    return len(cfg.lengths) * (1 + len(cfg.methods)) * cfg.repeats
+
+
+def _timed(endpoint: Endpoint, prompt: list[int], cfg: Config, xargs: dict | None, salt: str) -> dict:
+    before = endpoint.metrics()
+    stream = endpoint.stream(prompt, cfg.decode_tokens, xargs, salt)
+    after = endpoint.metrics()
+    return {
+        "ttft_s": stream.ttft_s,
+        "tpot_s": stream.tpot_s,
+        "output_tokens": stream.tokens,
+        "vllm_prefill_s": delta(before, after, "vllm:request_prefill_time_seconds_sum"),
+        "compaction_s": delta(before, after, "vllm_attnmatch_compaction_seconds_total"),
+        "compactions": delta(before, after, "vllm_attnmatch_compactions_total"),
+        "tokens_after": delta(before, after, "vllm_attnmatch_tokens_after_total"),
+    }
+
+
+def _best(samples: list[dict]) -> dict:
+    """Minimum of every timing over the repeats (the least disturbed run); counts from the first."""
+    out = dict(samples[0])
+    for key in ("ttft_s", "tpot_s", "vllm_prefill_s", "compaction_s"):
+        values = [s[key] for s in samples if s.get(key) is not None]
+        out[key] = min(values) if values else None
+    if len(samples) > 1:
+        out["ttft_spread_s"] = statistics.pstdev(s["ttft_s"] for s in samples)
+    return out
+
+
+def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
+    tok = texts.tokenizer()
+    block = endpoint.block_size()
+    warm = texts.long_ids(tok, 300)
+    progress.set_postfix_str("warm-up")
+    endpoint.stream(warm, 4, None, f"{run_id}-warm-stock")
+    for m in cfg.methods:
+        endpoint.stream(warm, 4, {"am_ratio": cfg.ratio, "am_method": m}, f"{run_id}-warm-{m}")
+    rows = []
+    for length in cfg.lengths:
+        prompt = texts.long_ids(tok, length)
+        samples: dict[str, list[dict]] = {"stock": [], **{m: [] for m in cfg.methods}}
+        for rep in range(cfg.repeats):
+            progress.set_postfix_str(f"L={length} stock")
+            samples["stock"].append(_timed(endpoint, prompt, cfg, None, f"{run_id}-{length}-stock-{rep}"))
+            progress.update()
+            for m in cfg.methods:
+                progress.set_postfix_str(f"L={length} {m}")
+                xargs = {"am_ratio": cfg.ratio, "am_method": m, "am_keep_last": cfg.keep_last}
+                samples[m].append(_timed(endpoint, prompt, cfg, xargs, f"{run_id}-{length}-{m}-{rep}"))
+                progress.update()
+        stock = _best(samples["stock"])
+        stock["prefill_s"] = stock["ttft_s"]
+        stock["kv_entries"] = length
+        compacted = {}
+        for m in cfg.methods:
+            c = _best(samples[m])
+            span_end = (length - max(cfg.keep_last, 1)) // block * block  # as engine.jobs.plan_layout
+            c["kv_entries"] = c["tokens_after"] + length - span_end if c["compactions"] else None
+            c["compaction_share"] = c["compaction_s"] / stock["prefill_s"] if stock["prefill_s"] else None
+            compacted[m] = c
+        rows.append({"tokens": length, "stock": stock, "compacted": compacted})
+    return {"block_size": block, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    from . import answers
+    from .stamp import describe
+
+    cfg = result["config"]
+    ms = lambda v: output.fmt(v * 1e3 if v is not None else None, ".1f")
+    body = []
+    for row in result["rows"]:
+        s = row["stock"]
+        for m, c in row["compacted"].items():
+            body.append([row["tokens"], output.fmt(s["prefill_s"], ".2f"), output.fmt(s["vllm_prefill_s"], ".2f"), m,
+                         output.fmt(c["compaction_s"], ".2f"), output.fmt(100 * c["compaction_share"], ".0f") + " %",
+                         output.fmt(c["kv_entries"], ".0f"), output.fmt(c["ttft_s"], ".2f"), ms(s["tpot_s"]), ms(c["tpot_s"])])
+    lines = [
+        f"# Compaction time vs prefill, decode step vs KV length{' (quick smoke run)' if result.get('quick') else ''}", "",
+        f"`{result['meta']['command']}`  ", describe(result["meta"]), "",
+        (f"Ratio {cfg['ratio']}, {cfg['decode_tokens']} greedy output tokens per request, best of {cfg['repeats']}. "
+        "Prefill = stock time to first token (client side); vLLM prefill = vLLM's own prefill-time metric. "
+        "KV entries = the compacted request's physical KV entries when decoding starts (compacted prefix, "
+        f"padded to whole {result['block_size']}-token blocks, plus the raw end of the prompt)."), "",
+        *answers.speed_lines(answers.speed(result)), "",
+        *output.table(["context tokens", "prefill s", "vLLM prefill s", "method", "compaction s", "of prefill",
+                       "KV entries after", "compacted TTFT s", "stock ms/token", "compacted ms/token"], body),
+    ]
+    return "\n".join(lines)
+
+
+plot = plots.speed
