@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.1, 0.05])
     ap.add_argument("--doc-tokens", type=int, default=1024)
     ap.add_argument("--cont-tokens", type=int, default=256)
+    ap.add_argument("--variants", nargs="+", default=[*SOURCES, "head_budgets"], choices=[*SOURCES, "head_budgets"])
     ap.add_argument("--out", default="query_sources_latest")
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
@@ -65,13 +66,17 @@ def main(argv=None) -> None:
     meta = stamp()
     folder = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    total = len(args.texts) * len(args.ratios) * (len(SOURCES) + 1)
+    total = len(args.texts) * len(args.ratios) * len(args.variants)
     progress = tqdm(total=total, desc="requests")
     cells = []
-    for config, variants in (
-        ({"preset": "default"}, [(s, s) for s in SOURCES]),
-        ({"preset": "default", "head_budgets": HEAD_BUDGETS}, [(f"context + head_budgets={HEAD_BUDGETS}", "context")]),
-    ):
+    servers = (
+        ({"preset": "default"}, [(s, s) for s in SOURCES if s in args.variants]),
+        ({"preset": "default", "head_budgets": HEAD_BUDGETS}, [(f"context + head_budgets={HEAD_BUDGETS}", "context")]
+         if "head_budgets" in args.variants else []),
+    )
+    for config, variants in servers:
+        if not variants:
+            continue
         server = Server("query-sources", folder, {"attnmatch": config}, ["--enforce-eager"]).wait_ready()
         try:
             cells += _cells(Endpoint(server.url), tokenizer, args.texts, args.ratios, variants, args.doc_tokens,
