@@ -4,9 +4,9 @@ compaction.
 A server with a deliberately small pool (``--num-gpu-blocks-override``; the same trick as the end-to-end
 "tiny" server) receives k long requests at once (real text at different offsets, ``gen_tokens`` greedy
 tokens each, ``ignore_eos``), for every k in ``concurrency``: once stock (no ``am_*`` keys) and once
-compacting (``am_ratio``). While they run, ``/metrics`` is polled for the plugin's free-block gauge
-(peak blocks held), vLLM's running/waiting gauges (peak requests running at once) and KV usage; vLLM's
-``vllm:num_preemptions_total`` says whether any request was preempted. A compacting request still needs
+compacting (``am_ratio``). While they run, ``/metrics`` is polled for the plugin's free-block gauge and
+vLLM's KV usage gauge (peak blocks held: the larger of the two) and for vLLM's running/waiting gauges
+(peak requests running at once); ``vllm:num_preemptions_total`` says whether any request was preempted. A compacting request still needs
 its whole prompt's blocks until its prefix is prefilled and compacted, so it is admitted like a stock
 one and shrinks afterwards; the numbers show what that buys under pressure.
 """
@@ -91,7 +91,8 @@ def _wait_idle(endpoint: Endpoint, timeout_s: float = 60) -> None:
         time.sleep(0.5)
 
 
-def _level(endpoint: Endpoint, prompts: list[list[int]], cfg: Config, xargs: dict | None, salt: str) -> dict:
+def _level(endpoint: Endpoint, prompts: list[list[int]], cfg: Config, xargs: dict | None, salt: str,
+           total: float | None) -> dict:
     _wait_idle(endpoint)
     before = endpoint.metrics()
     watcher = Watcher(endpoint, (FREE, RUNNING, WAITING, USAGE))
@@ -111,11 +112,14 @@ def _level(endpoint: Endpoint, prompts: list[list[int]], cfg: Config, xargs: dic
     watcher.stop()
     after = endpoint.metrics()
     start_free, low_free = watcher.start[FREE], watcher.low[FREE]
+    by_gauge = (start_free - low_free) if start_free is not None else None
+    # the two gauges are sampled at different moments: the peak is the larger of what either saw
+    by_usage = round(watcher.high[USAGE] * total) if watcher.high[USAGE] is not None and total else None
     return {
         "preemptions": delta(before, after, "vllm:num_preemptions_total"),
-        "peak_running": watcher.high[RUNNING],
-        "peak_waiting": watcher.high[WAITING],
-        "peak_blocks_held": (start_free - low_free) if start_free is not None else None,
+        "peak_running": int(watcher.high[RUNNING] or 0),
+        "peak_waiting": int(watcher.high[WAITING] or 0),
+        "peak_blocks_held": max((v for v in (by_gauge, by_usage) if v is not None), default=None),
         "peak_kv_usage": watcher.high[USAGE],
         "compactions": delta(before, after, "vllm_attnmatch_compactions_total"),
         "blocks_freed": delta(before, after, "vllm_attnmatch_blocks_freed_total"),
@@ -129,7 +133,7 @@ def _level(endpoint: Endpoint, prompts: list[list[int]], cfg: Config, xargs: dic
 
 def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
     tok = texts.tokenizer()
-    total = endpoint.metrics().get("vllm_attnmatch_kv_total_blocks")
+    total = endpoint.metrics().get("vllm_attnmatch_kv_total_blocks") or endpoint.num_blocks()
     most = max(cfg.concurrency)
     prompts = [texts.long_ids(tok, cfg.prompt_tokens, offset=97 * i) for i in range(most)]
     modes = {"stock": None, "compacted": {"am_ratio": cfg.ratio, "am_method": cfg.method}}
@@ -138,7 +142,7 @@ def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
         for k in cfg.concurrency:
             progress.set_postfix_str(f"{mode} ×{k}")
             rows.append({"mode": mode, "concurrency": k,
-                         **_level(endpoint, prompts[:k], cfg, xargs, f"{run_id}-{mode}-{k}")})
+                         **_level(endpoint, prompts[:k], cfg, xargs, f"{run_id}-{mode}-{k}", total)})
             progress.update()
     return {"pool_blocks": int(total) if total else cfg.pool_blocks, "block_size": endpoint.block_size(), "rows": rows}
 

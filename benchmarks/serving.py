@@ -32,6 +32,11 @@ class ServerSpec:
     kv_cache_gib: float = 2
     max_model_len: int = 4096
 
+    def num_blocks(self) -> int | None:
+        """KV blocks of the pool as vLLM reports them (``vllm:cache_config_info``)."""
+        blocks = parse_labels(self.metrics_text(), "vllm:cache_config_info").get("num_gpu_blocks")
+        return int(blocks) if blocks and blocks.isdigit() else None
+
     def describe(self) -> dict:
         return {
             "additional_config": json.loads(self.additional_config_json) if self.additional_config_json else None,
@@ -106,6 +111,11 @@ class Endpoint:
     def block_size(self, default: int = 16) -> int:
         size = parse_labels(self.metrics_text(), "vllm:cache_config_info").get("block_size")
         return int(size) if size and size.isdigit() else default
+
+    def num_blocks(self) -> int | None:
+        """KV blocks of the pool as vLLM reports them (``vllm:cache_config_info``)."""
+        blocks = parse_labels(self.metrics_text(), "vllm:cache_config_info").get("num_gpu_blocks")
+        return int(blocks) if blocks and blocks.isdigit() else None
 
     def describe(self) -> dict:
         info = {"url": self.url, "model": self.model, "started_here": self.spec is not None}
