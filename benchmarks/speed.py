@@ -34,7 +34,7 @@ class Config(BaseModel):
     ratio: float = 0.1
     decode_tokens: int = 64
     keep_last: int = 16
-    repeats: int = 1
+    repeats: int = 3
 
     @field_validator("lengths")
     @classmethod
@@ -50,7 +50,7 @@ class Config(BaseModel):
         return self
 
 
-QUICK = {"lengths": [256, 512], "decode_tokens": 8}
+QUICK = {"lengths": [256, 512], "decode_tokens": 8, "repeats": 1}
 
 
 def spec(cfg: Config) -> ServerSpec:

@@ -152,3 +152,13 @@ def test_the_real_readme_has_every_generated_section():
     text = (ROOT / "README.md").read_text()
     for name in ("fidelity", "speed", "memory", "prefix_reuse"):
         assert f"<!-- BEGIN {name} -->" in text and f"<!-- END {name} -->" in text
+
+
+def test_every_study_named_on_the_command_line_exists():
+    import importlib.util
+
+    for module in cli.STUDIES.values():
+        assert importlib.util.find_spec(f"benchmarks.{module}") is not None, module
+    for suite in cli.SUITES:
+        module = cli.suite_module(suite)
+        assert hasattr(module, "Config") and hasattr(module, "QUICK") and hasattr(module, "markdown")
