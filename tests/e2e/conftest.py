@@ -72,3 +72,14 @@ def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="session")
+def head_budgets_server(model_dir):
+    """Plugin on with the bundled non-uniform head budgets; started only when a test asks for it."""
+    config = {"attnmatch": {"preset": "default", "head_budgets": "smollm2-135m"}}
+    server = Server("budgets", model_dir, config, ["--enforce-eager"])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
