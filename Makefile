@@ -13,7 +13,7 @@ test:
 test-fast:  # maths and config only, no server
 	bash scripts/test.sh -q -m "not server"
 
-bench:  # fidelity through the server (~30 min on 2 cores), then the README's results
+bench:  # fidelity through the server (~15 min on 2 cores), then the README's results
 	bash scripts/setup.sh && .venv/bin/python -m benchmarks run --suite fidelity --update-readme
 
 bench-quick:  # every suite at tiny sizes (a few minutes per server start); writes benchmarks/results/*_quick.*

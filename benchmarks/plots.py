@@ -51,7 +51,7 @@ def fidelity(result: dict, path: Path) -> None:
     cfg, cells = result["config"], result["cells"]
     panels = (("delta_nll_pct", "ΔNLL of continuation (% of full)"), ("kl", f"KL@{cfg['top']}(full ‖ reduced) per token"),
               ("top1_agreement", "teacher-forced top-1 agreement"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(16.5, 4.4))
     for method in cfg["methods"]:
         ratios = [r for r in cfg["ratios"] if mean_cell(cells, method, r, "kl") is not None]
         if not ratios:
@@ -63,9 +63,9 @@ def fidelity(result: dict, path: Path) -> None:
         ax.set_ylabel(label)
     axes[0].axhline(2.0, color="grey", lw=0.8, ls=":")
     axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
     _title(fig, result, f"Fidelity vs kept ratio ({', '.join(cfg['texts'])}, document {cfg['doc_tokens']} tokens)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

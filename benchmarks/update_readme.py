@@ -98,10 +98,11 @@ def sections(directory: Path = output.RESULTS, readme: str = "") -> dict[str, st
 def replace(text: str, generated: dict[str, str]) -> str:
     """``text`` with every marked section replaced; a missing marker is an error (the README moved on)."""
     for name, body in generated.items():
-        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)", re.DOTALL)
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)", re.DOTALL)
         if not pattern.search(text):
             raise SystemExit(f"README has no <!-- BEGIN {name} --> / <!-- END {name} --> markers")
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+        block = body.strip() + "\n" if body.strip() else ""
+        text = pattern.sub(lambda m, block=block: m.group(1) + block + m.group(2), text)
     return text
 
 

@@ -144,6 +144,9 @@ def test_results_are_written_and_the_readme_is_regenerated(tmp_path):
     readme = "intro\n<!-- BEGIN fidelity -->\nold\n<!-- END fidelity -->\nrest\n"
     new = update_readme.replace(readme, {"fidelity": "new"})
     assert new == "intro\n<!-- BEGIN fidelity -->\nnew\n<!-- END fidelity -->\nrest\n"
+    empty = "<!-- BEGIN fidelity -->\n<!-- END fidelity -->\n"
+    assert update_readme.replace(empty, {"fidelity": "a\nb"}) == "<!-- BEGIN fidelity -->\na\nb\n<!-- END fidelity -->\n"
+    assert update_readme.replace(new, {"fidelity": ""}) == "intro\n" + empty + "rest\n"
     with pytest.raises(SystemExit):
         update_readme.replace(readme, {"speed": "x"})
 
