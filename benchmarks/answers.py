@@ -127,7 +127,9 @@ def memory(result: dict) -> dict:
             "max_running_without_preemption": best["peak_running"] if best else 0,
             "at_concurrency": best["concurrency"] if best else None,
             "first_preempting_concurrency": min((r["concurrency"] for r in rows if r["preemptions"] > 0), default=None),
-            "peak_blocks_per_request": mean(r["peak_blocks_held"] / r["concurrency"] for r in rows if r["concurrency"] == 1),
+            "peak_blocks_per_request": mean(r["peak_blocks_held"] for r in rows if r["concurrency"] == 1),
+            "blocks_after_compaction": mean(r["peak_blocks_held"] - r["blocks_freed"] for r in rows
+                                            if r["concurrency"] == 1 and r.get("compactions") and r.get("blocks_freed")),
         }
     return {"pool_blocks": result.get("pool_blocks"), "modes": out}
 
@@ -140,5 +142,6 @@ def memory_lines(ans: dict) -> list[str]:
                      f"preemption in a {ans['pool_blocks']}-block pool"
                      + (f"; preemption started at {first} concurrent requests" if first else "; no preemption at any level")
                      + (f"; one request alone held {v['peak_blocks_per_request']:.0f} blocks at its peak"
-                        if v["peak_blocks_per_request"] is not None else "") + ".")
+                        if v["peak_blocks_per_request"] is not None else "")
+                     + (f" and {v['blocks_after_compaction']:.0f} once compacted" if v.get("blocks_after_compaction") else "") + ".")
     return lines

@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import answers, cli, fidelity, memory, output, scoring, speed, update_readme  # noqa: E402
-from benchmarks.stamp import describe, stamp  # noqa: E402
+from benchmarks import answers, cli, fidelity, memory, output, scoring, speed, update_readme
+from benchmarks.stamp import describe, stamp
 
 
 def _meta():
@@ -49,8 +49,9 @@ def _memory_result():
     for mode, fits in (("stock", 2), ("compacted", 8)):
         for k in (1, 2, 4, 8):
             rows.append({"mode": mode, "concurrency": k, "peak_running": min(k, fits), "peak_waiting": max(0, k - fits),
-                         "preemptions": 0 if k <= fits else 3, "peak_blocks_held": 9 * min(k, fits) if mode == "stock" else 3 * k,
+                         "preemptions": 0 if k <= fits else 3, "peak_blocks_held": 9 * min(k, fits) if mode == "stock" else 5 + 2 * (k - 1),
                          "peak_kv_usage": 0.5, "compactions": k if mode == "compacted" else 0, "wall_s": 10.0,
+                         "blocks_freed": 3 * k if mode == "compacted" else 0,
                          "output_tokens_per_s": 5.0, "errors": 0})
     return {"suite": "memory", "quick": False, "meta": _meta(), "config": memory.Config(block_size=128).model_dump(),
             "pool_blocks": 32, "block_size": 128, "rows": rows}
@@ -126,7 +127,10 @@ def test_speed_and_memory_tables_and_answers():
     assert m["modes"]["stock"]["max_running_without_preemption"] == 2
     assert m["modes"]["compacted"]["max_running_without_preemption"] == 8
     assert m["modes"]["stock"]["first_preempting_concurrency"] == 4
-    assert "up to **8** requests" in memory.markdown(_memory_result())
+    assert m["modes"]["stock"]["peak_blocks_per_request"] == 9 and m["modes"]["stock"]["blocks_after_compaction"] is None
+    assert m["modes"]["compacted"]["peak_blocks_per_request"] == 5
+    assert m["modes"]["compacted"]["blocks_after_compaction"] == 2
+    assert "up to **8** requests" in memory.markdown(_memory_result()) and "and 2 once compacted" in memory.markdown(_memory_result())
 
 
 def test_results_are_written_and_the_readme_is_regenerated(tmp_path):
