@@ -1,4 +1,4 @@
-"""The worker side of online compaction, without vLLM: the bounded ring of captured queries and the
+"""Worker-side pieces without vLLM: the bounded ring of captured queries, the query_mix cap, and the
 β-aware re-compaction of a cache that already holds compacted entries and −inf padding."""
 
 import math
@@ -58,3 +58,16 @@ def test_online_recompaction_uses_old_beta_drops_padding_and_keeps_the_recent_wi
     blind_beta = torch.where(torch.isfinite(beta), torch.zeros_like(beta), beta)
     blind = compact_layer_online(job, keys, values, blind_beta, queries, scale)
     assert error(new_k, new_v, new_b) < 0.5 * error(*blind[:3])
+
+
+def test_query_mix_cap_keeps_rows_evenly_spread_and_zero_keeps_none():
+    from vllm_attnmatch.worker.query_sources import cap_rows
+
+    positions = torch.arange(100)
+    queries = {"layer": torch.arange(100).float()[:, None, None].expand(100, 2, 4)}
+    kept, kept_pos = cap_rows(queries, positions, 5)
+    assert kept_pos.tolist() == [0, 25, 50, 74, 99] and torch.equal(kept["layer"][:, 0, 0], kept_pos.float())
+    none, none_pos = cap_rows(queries, positions, 0)
+    assert none_pos.numel() == 0 and none["layer"].shape[0] == 0
+    same, same_pos = cap_rows(queries, positions, 1000)
+    assert same_pos is positions

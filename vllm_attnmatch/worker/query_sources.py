@@ -108,3 +108,11 @@ def self_study_queries(
         raise TimeoutError("self_study produced no queries within its time bound")
     queries, positions = _concat(parts)
     return SyntheticQueries(queries, positions, time.perf_counter() - started, tokens, {"answers": generated})
+
+
+def cap_rows(queries: dict[str, torch.Tensor], positions: torch.Tensor | None, cap: int):
+    """Keep at most ``cap`` rows, evenly spread over the request (``query_mix``'s per-source cap)."""
+    if positions is None or positions.numel() <= cap:
+        return queries, positions
+    keep = torch.linspace(0, positions.numel() - 1, cap).round().long() if cap else positions[:0].long()
+    return {name: q[keep] for name, q in queries.items()}, positions[keep]

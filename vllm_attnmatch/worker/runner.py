@@ -179,6 +179,7 @@ class AttnMatchRunnerMixin:
     def _synthetic_queries(self, job, queries, positions):
         """Add ``repeat`` / ``self_study`` queries (the context's own kept up to ``query_mix``). Any error
         falls back to the context queries: a weaker compaction beats none."""
+        from vllm_attnmatch.worker.query_sources import cap_rows
         from vllm_attnmatch.worker.synthetic import SyntheticQueryProducer
 
         settings = self._am_settings()
@@ -190,11 +191,7 @@ class AttnMatchRunnerMixin:
         except Exception as exc:  # noqa: BLE001 - fall back to context queries
             logger.warning("am_queries=%s unavailable for %s (%s); using context queries", job.queries, job.req_id, exc)
             return queries, positions, None, "context"
-        cap = settings.query_mix.get("context", 0)
-        if positions is not None and positions.numel() > cap:
-            keep = torch.linspace(0, positions.numel() - 1, cap).round().long() if cap else positions[:0].long()
-            queries = {name: q[keep] for name, q in queries.items()}
-            positions = positions[keep]
+        queries, positions = cap_rows(queries, positions, settings.query_mix.get("context", 0))
         return queries, positions, extra, job.queries
 
     def _am_settings(self):
