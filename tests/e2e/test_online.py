@@ -63,14 +63,26 @@ def test_long_generation_under_a_ceiling_compacts_repeatedly_and_completes(plugi
     assert plugin_server.wait_idle_free_blocks(expected=free) == free
 
 
-def test_long_prompt_is_prefilled_in_pieces_that_stop_at_the_ceiling(plugin_server, document):
-    """A prompt longer than the ceiling: each prefill chunk stops at the ceiling and is compacted."""
+def test_long_prompt_is_prefilled_in_pieces_that_stop_at_the_ceiling(plugin_server, stock_server, document):
+    """A prompt longer than the ceiling: each prefill chunk stops at the ceiling and is compacted. The
+    blocks vLLM registered for the uncut chunk were never written: a later plain request with the same
+    prompt must not read them as prefix-cache hits."""
+    prompt = document + " Thus"
     log_start = len(plugin_server.log())
-    result = _complete(plugin_server, document, 4, {"am_max_kv_tokens": 256})
+    result = _complete(plugin_server, prompt, 4, {"am_max_kv_tokens": 256})
     assert result.usage.prompt_tokens > 2 * 256
     sizes, finished = _online_lines(plugin_server.log()[log_start:])
     assert len(sizes) >= 2 and all(256 <= s <= 256 + BLOCK for s in sizes), sizes
     assert finished and finished[0][1] <= 256 + BLOCK
+    assert _complete(plugin_server, prompt, 12).choices[0].text == _complete(stock_server, prompt, 12).choices[0].text
+
+
+def test_prefill_cut_before_whole_blocks_leaves_no_stale_prefix_cache_entries(plugin_server, stock_server, document):
+    """am_keep_last of several blocks: the prompt's chunk stops at the span end with whole blocks after
+    it; those blocks must not stay registered (unwritten) in the prefix cache after the swap."""
+    prompt = document + " Hence"
+    _complete(plugin_server, prompt, 4, {"am_ratio": 0.2, "am_keep_last": 300})
+    assert _complete(plugin_server, prompt, 12).choices[0].text == _complete(stock_server, prompt, 12).choices[0].text
 
 
 def test_failed_online_compaction_serves_the_request_uncompacted_once(plugin_server, document):

@@ -300,6 +300,23 @@ class AttnMatchScheduler(Scheduler):
         request.num_in_flight_tokens -= excess
         request.is_prefill_chunk = True
         self._inflight_prefills.add(request)
+        self._uncache_unwritten_blocks(request)
+
+    def _uncache_unwritten_blocks(self, request) -> None:
+        """vLLM registers a chunk's full blocks in the prefix cache when it allocates them, before the
+        forward writes them. A chunk cut short leaves blocks registered that this step does not write;
+        if the compaction then frees them, still hashed, a later request with the same prefix would
+        read them as a prefix hit. Unregister them (vLLM registers them again once they are written)."""
+        manager, req_id = self.am_manager, request.request_id
+        if req_id in manager.offsets:
+            return  # compacted: nothing of it is registered under token hashes
+        written = request.num_computed_tokens // self.block_size
+        registered = manager.num_cached_block.get(req_id, 0)
+        if registered <= written:
+            return
+        unwritten = manager.req_to_blocks[req_id][written:registered]
+        self.kv_cache_manager.block_pool.evict_blocks({block.block_id for block in unwritten})
+        manager.num_cached_block[req_id] = written
 
     def _plan_job(self, request, state: RequestCompaction, layout: CompactionLayout, plan: StepPlan):
         """Allocate the destination blocks and ship the job on this step's plan (None: no free blocks)."""
