@@ -44,6 +44,15 @@ def _title(fig, result: dict, text: str) -> None:
     fig.suptitle(f"{text} — {device}, {result['meta']['utc'][:10]}{' (quick)' if result.get('quick') else ''}")
 
 
+def _save(fig, path: Path, rect=None) -> None:
+    """Lay out, write and close: every figure ends the same way."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**({"rect": rect} if rect else {}))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def fidelity(result: dict, path: Path) -> None:
     from .fidelity import mean_cell
 
@@ -65,9 +74,7 @@ def fidelity(result: dict, path: Path) -> None:
     axes[1].set_yscale("log")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
     _title(fig, result, f"Fidelity vs kept ratio ({', '.join(cfg['texts'])}, document {cfg['doc_tokens']} tokens)")
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, rect=(0, 0, 0.88, 1))
 
 
 def speed(result: dict, path: Path) -> None:
@@ -94,9 +101,7 @@ def speed(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _title(fig, result, "Compaction vs prefill time, and decode step time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _ms(seconds):
@@ -120,9 +125,7 @@ def memory(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _title(fig, result, f"Long requests in a {result['pool_blocks']}-block KV pool")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def kernels(result: dict, path: Path) -> None:
@@ -145,9 +148,7 @@ def kernels(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _title(fig, result, "Triton kernels vs references")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def offline(rows: list[dict], path: Path, methods) -> None:
@@ -166,6 +167,4 @@ def offline(rows: list[dict], path: Path, methods) -> None:
         ax.set_ylabel("continuation KL(full‖compacted)")
         ax.set_title(f"{text} · {source} queries")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
