@@ -95,3 +95,36 @@ def test_compaction_across_prefill_chunks_matches_a_single_chunk_prefill(tiny_po
     chunked = _complete(tiny_pool_server, prompt, xargs, max_tokens=16, cache_salt="chunks")
     assert tiny_pool_server.metrics()["compactions"] == before + 1
     assert chunked == _complete(plugin_server, prompt, xargs, max_tokens=16, cache_salt="chunks")
+
+
+def test_online_request_outgrows_its_share_of_a_tiny_pool_without_crowding_out_others(
+    tiny_pool_server, stock_server, document
+):
+    """Three requests whose uncompacted KV would need 19 of the 11 usable blocks: the one with a 384-entry
+    ceiling re-compacts as it grows, the two plain ones stay exact, and every block comes back."""
+    server = tiny_pool_server
+    total = server.metrics()["kv_total_blocks"]
+    before = server.metrics()
+    plain_prompts = [document[0:2500], document[200:2700]]  # ~560 tokens each
+    expected = [_complete(stock_server, p, max_tokens=96, ignore_eos=True) for p in plain_prompts]
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def run(key, prompt, xargs, max_tokens):
+        try:
+            results[key] = _complete(server, prompt, xargs, max_tokens=max_tokens, ignore_eos=True, cache_salt="online")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("online", document[:1400], {"am_max_kv_tokens": 384}, 560))]
+    threads += [threading.Thread(target=run, args=(i, p, None, 96)) for i, p in enumerate(plain_prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = server.metrics()
+    assert not errors, errors
+    assert [results[0], results[1]] == expected
+    assert after["online_compactions"] - before["online_compactions"] >= 2
+    assert after["failures"] == before["failures"]
+    assert server.wait_idle_free_blocks(expected=total) == total
