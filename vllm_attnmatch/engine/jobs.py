@@ -101,16 +101,20 @@ def layout_for_span(
     """The layout that compacts ``[keep_first, span_end)`` (block-aligned ``span_end``), right after it
     is prefilled. Also how a request looks up shorter stored prefixes than its own."""
     target = budget(span_end - keep_first, ratio, target_tokens)
-    pad = cdiv(keep_first + target, block_size) * block_size - keep_first - target
+    pad = _block_padding(keep_first + target, block_size)
     return CompactionLayout(num_tokens=span_end, keep_first=keep_first, span_end=span_end, target=target, pad=pad)
+
+
+def _block_padding(entries: int, block_size: int) -> int:
+    """Empty slots that complete the last block of ``entries``: the compacted prefix is whole blocks."""
+    return cdiv(entries, block_size) * block_size - entries
 
 
 def widen_layout(layout: CompactionLayout, target: int, block_size: int) -> CompactionLayout:
     """The same span with a longer physical target (non-uniform head budgets pad to their largest)."""
     if target <= layout.target:
         return layout
-    pad = cdiv(layout.keep_first + target, block_size) * block_size - layout.keep_first - target
-    return replace(layout, target=target, pad=pad)
+    return replace(layout, target=target, pad=_block_padding(layout.keep_first + target, block_size))
 
 
 def plan_online_layout(

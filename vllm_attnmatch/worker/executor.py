@@ -109,20 +109,19 @@ def compact_layer_online(
     result = _compact_span(job, span_k, span_v, pooled.to(span_k.device), span_b, kwargs)
     _inject(job.fault, result)
     _check_finite(result)
-    num_heads, kept, head_dim = result.keys.shape
-    short = layout.target - kept  # fewer real entries than the target: pad (β = -inf) to the layout
-    pad = keys.new_zeros((num_heads, short, head_dim))
-    new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), pad, keys[:, end:]], dim=1)
-    new_values = torch.cat([values[:, :first], result.values.to(values.dtype), pad, values[:, end:]], dim=1)
-    new_beta = torch.cat(
-        [
-            beta[:, :first],
-            result.beta.float().to(beta.device),
-            torch.full((num_heads, short), float("-inf"), device=beta.device),
-            beta[:, end:],
-        ],
-        dim=1,
-    )
+    # Fewer real entries than the target: pad (β = -inf) to the layout.
+    return _splice(keys, values, beta, result, first, end, layout.target - result.target)
+
+
+def _splice(keys, values, beta, result, first: int, end: int, pad: int):
+    """The new layout: ``[0, first)`` as it was, the compacted span, ``pad`` empty slots (β = -inf), then
+    ``[end, …)`` as it was; with the result's fit error."""
+    num_heads, _, head_dim = keys.shape
+    empty = keys.new_zeros((num_heads, pad, head_dim))
+    new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), empty, keys[:, end:]], dim=1)
+    new_values = torch.cat([values[:, :first], result.values.to(values.dtype), empty, values[:, end:]], dim=1)
+    padding = torch.full((num_heads, pad), float("-inf"), device=beta.device)
+    new_beta = torch.cat([beta[:, :first], result.beta.float().to(beta.device), padding, beta[:, end:]], dim=1)
     return new_keys, new_values, new_beta, float(getattr(result, "fit_error", math.nan))
 
 
@@ -169,21 +168,10 @@ def compact_layer(
     result = _compact_span(job, span_k, span_v, pooled, None, kwargs, layer_index)
     _inject(job.fault, result)
     _check_finite(result)
-    num_heads, kept, head_dim = result.keys.shape
-    short = layout.target - kept  # non-uniform heads: this layer's largest head is below the layout's
-    pad = keys.new_zeros((num_heads, short + layout.pad, head_dim))
-    new_keys = torch.cat([keys[:, :first], result.keys.to(keys.dtype), pad, keys[:, end:]], dim=1)
-    new_values = torch.cat([values[:, :first], result.values.to(values.dtype), pad, values[:, end:]], dim=1)
-    beta = torch.cat(
-        [
-            torch.zeros(num_heads, first, device=keys.device),
-            result.beta.float().to(keys.device),
-            torch.full((num_heads, short + layout.pad), float("-inf"), device=keys.device),
-            torch.zeros(num_heads, layout.tail_tokens, device=keys.device),
-        ],
-        dim=1,
-    )
-    return new_keys, new_values, beta, float(getattr(result, "fit_error", math.nan))
+    # A prefill compaction's source is raw (β = 0). Non-uniform heads: this layer's largest head may be
+    # below the layout's target; the rest of the last compacted block is padding too.
+    raw_beta = torch.zeros(keys.shape[:2], device=keys.device)
+    return _splice(keys, values, raw_beta, result, first, end, layout.target - result.target + layout.pad)
 
 
 def layer_index(name: str) -> int:
