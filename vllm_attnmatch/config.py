@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_KEY = "attnmatch"
 REQUEST_KEY_PREFIX = "am_"
@@ -176,6 +176,13 @@ class ServerConfig(BaseModel):
     algorithm: dict[str, AlgorithmOption] = Field(default_factory=dict)
     log_compactions: bool = True
 
+    @field_validator("head_budgets")
+    @classmethod
+    def _head_budgets_exist(cls, value: str | None) -> str | None:
+        if value is not None:
+            head_budget_path(value)  # refuse a missing share file at start-up, not in the engine
+        return value
+
     @model_validator(mode="after")
     def _one_budget(self) -> "ServerConfig":
         if self.ratio is not None and self.target_tokens is not None:
@@ -194,6 +201,17 @@ class ServerConfig(BaseModel):
 SERVER_KEYS_ALLOWED: dict[str, str] = {
     name: (field.description or str(field.annotation)) for name, field in ServerConfig.model_fields.items()
 }
+
+
+def head_budget_path(name_or_path: str) -> Path:
+    """A bundled per-head share file (``configs/head_budgets/<name>.json``) or a path to one."""
+    bundled = Path(str(resources.files("vllm_attnmatch.configs").joinpath("head_budgets", f"{name_or_path}.json")))
+    if bundled.is_file():
+        return bundled
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no bundled share file or path {name_or_path!r}")
+    return path
 
 
 def preset_path(name_or_path: str) -> Path:

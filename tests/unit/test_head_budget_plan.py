@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vllm_attnmatch.config import ConfigError
+from vllm_attnmatch.config import ConfigError, parse_server_config
 from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
 from vllm_attnmatch.engine.jobs import CompactionJob, plan_layout, widen_layout
 from vllm_attnmatch.worker.executor import compact_layer
@@ -23,6 +23,8 @@ def test_bundled_shares_keep_the_total_and_cap_every_head_at_the_factor():
 def test_unknown_share_file_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match="head_budgets"):
         HeadBudgetPlan("no-such-model", 30, 3, 2.0)
+    with pytest.raises(ConfigError, match=r"^attnmatch\.head_budgets: .*no-such-model"):
+        parse_server_config({"head_budgets": "no-such-model"})  # refused at start-up, before the engine
 
 
 def test_layer_is_compacted_per_head_and_padded_to_the_widest_head():

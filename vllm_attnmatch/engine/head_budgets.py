@@ -10,29 +10,19 @@ multiple of the uniform budget, which bounds the memory cost to the same factor.
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-
 from vllm_attnmatch.algorithms.budgets import head_budgets, load_head_shares
-from vllm_attnmatch.config import CONFIG_KEY, ConfigError
-
-
-def head_budget_path(name_or_path: str) -> Path:
-    """A bundled share file (``configs/head_budgets/<name>.json``) or a path to one."""
-    bundled = Path(str(resources.files("vllm_attnmatch.configs").joinpath("head_budgets", f"{name_or_path}.json")))
-    if bundled.is_file():
-        return bundled
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{CONFIG_KEY}.head_budgets", f"no bundled share file or path {name_or_path!r}")
-    return path
+from vllm_attnmatch.config import CONFIG_KEY, ConfigError, head_budget_path
 
 
 class HeadBudgetPlan:
     """Per-(layer, KV head) targets of a span, and the physical length they need."""
 
     def __init__(self, name_or_path: str, num_layers: int, num_kv_heads: int, max_factor: float) -> None:
-        self.shares = load_head_shares(head_budget_path(name_or_path))
+        try:
+            path = head_budget_path(name_or_path)
+        except ValueError as exc:
+            raise ConfigError(f"{CONFIG_KEY}.head_budgets", str(exc)) from None
+        self.shares = load_head_shares(path)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.max_factor = max_factor
