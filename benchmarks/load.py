@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     args = parser.parse_args(argv)
 
-    from vllm_attnmatch.launch import Server, run_mixed_load
+    from benchmarks.launch import Server, run_mixed_load
     from vllm_attnmatch.model import ensure_model
 
     meta = stamp()

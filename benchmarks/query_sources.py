@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from vllm_attnmatch.launch import Server
+    from benchmarks.launch import Server
     from vllm_attnmatch.model import ensure_model
 
     meta = stamp()

@@ -231,7 +231,7 @@ class Servers:
         if self._endpoint is not None and self._endpoint.spec == spec:
             return self._endpoint
         self.close()
-        from vllm_attnmatch.launch import Server
+        from benchmarks.launch import Server
         from vllm_attnmatch.model import ensure_model
 
         config = json.loads(spec.additional_config_json) if spec.additional_config_json else None

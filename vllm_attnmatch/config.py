@@ -189,10 +189,6 @@ class ServerConfig(BaseModel):
             raise ValueError("ratio and target_tokens are mutually exclusive")
         return self
 
-    @property
-    def compacts_by_default(self) -> bool:
-        return self.ratio is not None or self.target_tokens is not None
-
     def summary(self) -> str:
         """One line with the effective settings, for the per-process start-up log line."""
         return json.dumps(self.model_dump(exclude={"preset"}), sort_keys=True, separators=(",", ":"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_attnmatch.launch import Server
+from benchmarks.launch import Server
 from vllm_attnmatch.model import ensure_model
 
 TEXT_PATH = Path("/usr/share/common-licenses/GPL-3")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_attnmatch.launch import run_mixed_load
+from benchmarks.launch import run_mixed_load
 
 pytestmark = pytest.mark.server
 

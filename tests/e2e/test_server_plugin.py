@@ -7,7 +7,7 @@ import re
 import openai
 import pytest
 
-from vllm_attnmatch.launch import Server
+from benchmarks.launch import Server
 
 pytestmark = pytest.mark.server
 

@@ -88,7 +88,3 @@ def global_head_budgets(scores: torch.Tensor, t: int, max_ratio: float = 0.75) -
     counts = torch.bincount(top // T, minlength=L * H).reshape(L, H).double()
     return head_budgets({(l, h): float(counts[l, h]) for l in range(L) for h in range(H)}, L, H, T, t, max_ratio)
 
-
-def shares_from_budgets(budgets: torch.Tensor) -> dict[tuple[int, int], float]:
-    total = float(budgets.sum())
-    return {(l, h): float(budgets[l, h]) / total for l in range(budgets.shape[0]) for h in range(budgets.shape[1])}
