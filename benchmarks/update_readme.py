@@ -1,4 +1,4 @@
-"""Regenerate the README's results from the latest benchmark JSON (between ``<!-- BEGIN x -->`` / ``<!-- END x -->``).
+"""Regenerate the README's and docs/benchmarks.md's results from the latest benchmark JSON (between ``<!-- BEGIN x -->`` / ``<!-- END x -->``).
 
 Why generated: the README states what compaction costs and buys; those sentences and tables are computed
 from ``benchmarks/results/<suite>_latest.json`` so they can never drift from the measurements. Quick
@@ -56,6 +56,21 @@ def fidelity_block(result: dict | None) -> list[str]:
     ]
 
 
+def headline_block(result: dict | None) -> list[str]:
+    """The README's one result: KL of the continuation against the ratio, every method, with the plot."""
+    from benchmarks.fidelity import grid
+
+    if result is None:
+        return _missing("fidelity")
+    return [
+        *answers.fidelity_lines(answers.fidelity(result)), "",
+        f"KL@{result['config']['top']}(full ‖ reduced) per continuation token, lower is better "
+        f"([all results](docs/benchmarks.md), {describe(result['meta'])}):", "",
+        *grid(result, "kl", ".4f"), "",
+        f"![fidelity vs ratio]({LINK}/fidelity_latest.png)",
+    ]
+
+
 def speed_block(result: dict | None) -> list[str]:
     if result is None:
         return _missing("speed")
@@ -84,8 +99,10 @@ def snippet(path: Path) -> str:
 def sections(directory: Path = output.RESULTS, readme: str = "") -> dict[str, str]:
     """Marker name → generated markdown: the suites from their ``*_latest.json``, and every other marker
     of ``readme`` that has a ``<name>_latest.md`` in ``directory`` from that file."""
+    fidelity_result = output.read("fidelity_latest", directory)
     out = {
-        "fidelity": "\n".join(fidelity_block(output.read("fidelity_latest", directory))),
+        "headline": "\n".join(headline_block(fidelity_result)),
+        "fidelity": "\n".join(fidelity_block(fidelity_result)),
         "speed": "\n".join(speed_block(output.read("speed_latest", directory))),
         "memory": "\n".join(memory_block(output.read("memory_latest", directory))),
     }
@@ -95,22 +112,34 @@ def sections(directory: Path = output.RESULTS, readme: str = "") -> dict[str, st
     return out
 
 
-def replace(text: str, generated: dict[str, str]) -> str:
-    """``text`` with every marked section replaced; a missing marker is an error (the README moved on)."""
+def replace(text: str, generated: dict[str, str], missing_ok: bool = False) -> str:
+    """``text`` with every marked section replaced; a missing marker is an error (the page moved on) unless
+    ``missing_ok`` (several pages share the generated sections, each holding some of them)."""
     for name, body in generated.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)", re.DOTALL)
         if not pattern.search(text):
-            raise SystemExit(f"README has no <!-- BEGIN {name} --> / <!-- END {name} --> markers")
+            if missing_ok:
+                continue
+            raise SystemExit(f"no <!-- BEGIN {name} --> / <!-- END {name} --> markers")
         block = body.strip() + "\n" if body.strip() else ""
         text = pattern.sub(lambda m, block=block: m.group(1) + block + m.group(2), text)
     return text
 
 
+#: Pages with generated sections, and how each reaches ``benchmarks/results`` from where it lives.
+PAGES = {ROOT / "README.md": LINK, ROOT / "docs" / "benchmarks.md": "../" + LINK}
+
+
 def main(argv=None) -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    readme.write_text(replace(text, sections(readme=text)))
-    print(f"updated {readme}")
+    texts = {page: page.read_text() for page in PAGES}
+    generated = sections(readme="\n".join(texts.values()))
+    placed = {name for text in texts.values() for name in re.findall(r"<!-- BEGIN (\w+) -->", text)}
+    if missing := sorted(set(generated) - placed):
+        raise SystemExit(f"no page has the markers of {', '.join(missing)}")
+    for page, link in PAGES.items():
+        page_sections = {name: body.replace(f"]({LINK}/", f"]({link}/") for name, body in generated.items()}
+        page.write_text(replace(texts[page], page_sections, missing_ok=True))
+        print(f"updated {page}")
     return 0
 
 

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec python -m pytest tests "$@"
+# --durations: the slowest tests are printed at the end of every run (the suite is long on 2 cores).
+exec python -m pytest tests --durations=15 "$@"
