@@ -4,7 +4,7 @@ Sends ``--requests`` requests at once (compacting with several methods, non-comp
 hits, streaming and non-streaming, some aborted mid-stream by the client) and reports: errors, whether
 every non-compacting request produced stock vLLM's greedy tokens (a second server without the plugin
 section), and whether the KV pool's free-block count returned to its start value. The load itself is
-``vllm_attnmatch.launch.run_mixed_load``, shared with the end-to-end tests.
+``benchmarks.launch.run_mixed_load``, shared with the end-to-end tests.
 
     python -m benchmarks load --requests 64
 """
