@@ -1,4 +1,4 @@
-"""The server a benchmark talks to: one it starts itself (``vllm_attnmatch.launch.Server``) or one given by URL.
+"""The server a benchmark talks to: one it starts itself (``benchmarks.launch.Server``) or one given by URL.
 
 Why one module: every suite needs the same few calls — prompt logprobs, a timed streaming completion, a
 chat completion, a ``/metrics`` snapshot, the KV block size — and the same rule that a server we start
