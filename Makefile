@@ -4,8 +4,9 @@
 setup:
 	bash scripts/setup.sh
 
-serve:
-	bash scripts/serve.sh
+ATTNMATCH ?= default
+serve:  # the bundled model on :8000 with --attnmatch $(ATTNMATCH) (e.g. make serve ATTNMATCH=fast)
+	ATTNMATCH='$(ATTNMATCH)' bash scripts/serve.sh
 
 test:
 	bash scripts/test.sh -q

@@ -22,9 +22,19 @@ def _means(cells: list[dict], key: str) -> dict[tuple[str, float], float]:
     return out
 
 
+def report_cells(cells: list[dict]) -> tuple[str, list[dict]]:
+    """The cells the answers stand on: the TEST set's when the run has any (never the texts the defaults
+    were tuned on), else all of them; and which that was."""
+    from .sets import set_name
+
+    test = [c for c in cells if set_name(c["text"]) == "test"]
+    return ("test", test) if test else ("all", cells)
+
+
 def fidelity(result: dict, threshold: float = THRESHOLD_PCT) -> dict:
-    """At which ratio each AM method stays within ``threshold`` % ΔNLL, and AM vs every other method."""
-    cells = result["cells"]
+    """At which ratio each AM method stays within ``threshold`` % ΔNLL, and AM vs every other method
+    (means over the TEST-set texts when the run has them)."""
+    scope, cells = report_cells(result["cells"])
     dnll, kl = _means(cells, "delta_nll_pct"), _means(cells, "kl")
     ratios = sorted({r for _, r in dnll}, reverse=True)
     methods = list(dict.fromkeys(c["method"] for c in cells))
@@ -59,12 +69,15 @@ def fidelity(result: dict, threshold: float = THRESHOLD_PCT) -> dict:
             seconds = mean(c.get("compaction_s") for c in cells if c["method"] == m and c["ratio"] == r)
             if seconds and full_s:
                 cost.setdefault(m, []).append({"ratio": r, "compaction_s": seconds, "full_request_s": full_s})
-    return {"threshold_pct": threshold, "within": within, "am": am, "versus": versus, "ratios": ratios, "cost": cost}
+    return {"threshold_pct": threshold, "within": within, "am": am, "versus": versus, "ratios": ratios, "cost": cost,
+            "scope": scope, "texts": sorted({c["text"] for c in cells})}
 
 
 def fidelity_lines(ans: dict) -> list[str]:
     """Markdown: the 2 % answer, then AM vs each other method at the same budget."""
-    lines = []
+    texts = ans.get("texts", [])
+    lines = [f"Means over the {len(texts)} TEST-set texts (never tuned on): {', '.join(texts)}." if ans.get("scope") == "test"
+             else f"Means over all {len(texts)} texts of the run (none from the TEST set)."] if texts else []
     for m, w in ans["within"].items():
         if w["ratio"] is None:
             lines.append(f"- **{m}** is not within {ans['threshold_pct']:g} % ΔNLL of full context at any tested ratio.")

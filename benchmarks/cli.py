@@ -2,7 +2,7 @@
 
     python -m benchmarks run --suite fidelity|speed|memory|kernels|all [--quick] [--url URL --model NAME]
     python -m benchmarks readme                      # README results from benchmarks/results/*_latest.json
-    python -m benchmarks offline|on-policy|prefix-reuse|load|query-sources|online-ceiling [...]  # other studies
+    python -m benchmarks offline|on-policy|prefix-reuse|load|query-sources|online-ceiling|stall|capture-memory [...]
 
 ``run`` starts the server each suite needs (one at a time) unless ``--url`` names one, shows a progress
 bar, and writes ``benchmarks/results/<suite>_latest.{json,md,png}`` (``<suite>_quick.*`` with ``--quick``),
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -25,11 +26,12 @@ from .stamp import stamp
 SUITES = ("fidelity", "speed", "memory", "kernels")
 #: other studies, forwarded as ``python -m benchmarks <name> [args]`` to ``benchmarks.<module>.main``
 STUDIES = {"offline": "offline", "on-policy": "on_policy", "prefix-reuse": "prefix_reuse", "load": "load",
-           "query-sources": "query_sources", "online-ceiling": "online_ceiling"}
+           "query-sources": "query_sources", "online-ceiling": "online_ceiling", "stall": "stall",
+           "capture-memory": "capture_memory"}
 #: suite → {Config field: argparse destination}
 FIELDS = {
     "fidelity": {"texts": "texts", "ratios": "ratios", "methods": "methods", "doc_tokens": "doc_tokens",
-                 "cont_tokens": "cont_tokens", "top": "top", "summary_factor": "summary_factor"},
+                 "cont_tokens": "cont_tokens", "top": "top", "summary_factor": "summary_factor", "presets": "presets"},
     "speed": {"lengths": "lengths", "methods": "speed_methods", "ratio": "speed_ratio", "decode_tokens": "decode_tokens",
               "repeats": "repeats"},
     "memory": {"pool_tokens": "pool_tokens", "prompt_tokens": "prompt_tokens", "gen_tokens": "gen_tokens",
@@ -56,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--update-readme", action="store_true", help="regenerate the README's results afterwards")
 
     f = run.add_argument_group("fidelity")
-    f.add_argument("--texts", nargs="+", help="licence names under /usr/share/common-licenses, or paths")
+    f.add_argument("--texts", nargs="+", help="corpus names (benchmarks/corpus.py), dev | test | all, licence names "
+                   "or paths (default: dev test)")
+    f.add_argument("--presets", nargs="*", help="presets each served by its own server and scored (default: all "
+                   "bundled; none with --quick)")
     f.add_argument("--ratios", nargs="+", type=float)
     f.add_argument("--methods", nargs="+", help="AM, eviction and text methods (see benchmarks/fidelity.py)")
     f.add_argument("--doc-tokens", type=int, help="document tokens (a multiple of the KV block size)")
@@ -116,7 +121,8 @@ def run_suites(args: argparse.Namespace) -> list[dict]:
             meta = stamp()
             with tqdm(total=module.steps(cfg), desc=name, unit="cell") as bar:
                 try:
-                    data = module.run(cfg, endpoint, run_id, bar)
+                    extra = {"servers": servers} if "servers" in inspect.signature(module.run).parameters else {}
+                    data = module.run(cfg, endpoint, run_id, bar, **extra)
                 except getattr(module, "Skipped", ()) as exc:
                     print(exc)
                     continue

@@ -19,18 +19,26 @@ the same server:
 
 Per cell: ΔNLL of C (% of the full-context NLL), KL@k(full ‖ reduced) per token, teacher-forced top-1
 agreement, kept KV entries, compaction seconds (worker side, from ``/metrics``) or summary seconds.
+
+Texts: the corpus of ``benchmarks/corpus.py`` (``dev`` and ``test`` by default). The report gives TEST-set
+means with their spread over texts and the DEV numbers beside them (``benchmarks/sets.py``). Presets
+(``presets``): each bundled preset is served by its own server (started one after another) and scored
+with a request that only sets ``am_ratio`` — what a user of that preset gets — labelled ``preset:<name>``.
 """
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from . import output, plots, scoring, texts
-from .serving import Endpoint, ServerSpec, delta
+from . import corpus, output, plots, scoring, sets, texts
+from .serving import PLUGIN, Endpoint, ServerSpec, delta
 
 NAME = "fidelity"
 AM_METHODS = ("highest_attention", "omp")
-EVICTION = ("snapkv", "h2o", "streaming", "truncate", "random")
+EVICTION = ("snapkv", "h2o", "tova", "streaming", "truncate", "random")
+PRESETS = ("default", "fast", "quality", "paper")
 TEXT_METHODS = ("summary", "summary_am")
 METHODS = AM_METHODS + EVICTION + TEXT_METHODS
 SUMMARY_PROMPT = "{doc}\n\nSummarize the text above in at most {words} words. Keep its key terms."
@@ -40,14 +48,35 @@ MIN_SPAN_TOKENS = 32  # the default preset's min_prompt_tokens: shorter spans ar
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[str] = list(texts.DEFAULT_TEXTS)
-    ratios: list[float] = [0.5, 0.2, 0.1, 0.05, 0.02]
+    texts: list[str] = list(corpus.DEV + corpus.TEST)
+    ratios: list[float] = [0.2, 0.1, 0.05, 0.02]
     methods: list[str] = list(METHODS)
+    presets: list[str] = list(PRESETS)
     doc_tokens: int = 1024
     cont_tokens: int = 256
     top: int = 20
     keep_first: int = 4
     summary_factor: float = 2.0
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, v):
+        names = texts.expand(v)
+        if not names:
+            raise ValueError("give at least one text (a corpus name, dev, test, all, a licence name or a path)")
+        return names
+
+    @field_validator("presets")
+    @classmethod
+    def _presets(cls, v):
+        from vllm_attnmatch.config import ConfigError, load_preset
+
+        for name in v:
+            try:
+                load_preset(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("ratios")
     @classmethod
@@ -65,14 +94,22 @@ class Config(BaseModel):
         return v
 
 
-QUICK = {"texts": ["GPL-3"], "ratios": [0.5, 0.1], "methods": ["highest_attention", "snapkv", "summary"],
-         "doc_tokens": 256, "cont_tokens": 64}
+#: one DEV and one TEST text, so the quick report shows both sets; no preset servers
+QUICK = {"texts": ["bash-INTRO", "coreutils-README"], "ratios": [0.1], "presets": [],
+         "methods": ["highest_attention", "snapkv", "summary"], "doc_tokens": 256, "cont_tokens": 64}
 #: shared with the speed suite (8k contexts), so ``--suite all`` starts one server for both
 SPEC = ServerSpec("main", max_model_len=8192)
 
 
 def spec(cfg: Config) -> ServerSpec:
     return SPEC
+
+
+def preset_spec(name: str) -> ServerSpec:
+    """A server like :data:`SPEC` started with the preset ``name`` instead of ``default``."""
+    if name == PLUGIN["attnmatch"]["preset"]:
+        return SPEC
+    return ServerSpec(f"preset-{name}", json.dumps({"attnmatch": {"preset": name}}), max_model_len=SPEC.max_model_len)
 
 
 def kept_entries(tokens: int, ratio: float | None, keep_first: int, block: int, target: int | None = None) -> int:
@@ -117,10 +154,12 @@ class _Cells:
             self._summaries[max_tokens] = (ids or self.tok("\n", add_special_tokens=False)["input_ids"], seconds)
         return self._summaries[max_tokens]
 
-    def compacted(self, method: str, ratio: float) -> dict:
-        xargs = {"am_ratio": ratio, "am_method": method, "am_keep_first": self.cfg.keep_first,
-                 "am_keep_last": len(self.cont)}
-        return {**self._score(self.doc, xargs, f"{method}-{ratio}"), "kept": self.budget(ratio)}
+    def compacted(self, method: str | None, ratio: float) -> dict:
+        """``method`` None: the server's own (preset) method."""
+        xargs = {"am_ratio": ratio, "am_keep_first": self.cfg.keep_first, "am_keep_last": len(self.cont)}
+        if method is not None:
+            xargs["am_method"] = method
+        return {**self._score(self.doc, xargs, f"{method or 'preset'}-{ratio}"), "kept": self.budget(ratio)}
 
     def summarised(self, ratio: float) -> dict:
         ids, seconds = self.summary(self.budget(ratio))
@@ -148,44 +187,67 @@ class _Cells:
         return {**self._score(ids, None, f"summary-cut-{ratio}"), **extra, "kept": len(ids), "mode": "cut"}
 
     def cell(self, method: str, ratio: float) -> dict:
-        if method == "summary":
+        if method.startswith("preset:"):
+            data = self.compacted(None, ratio)
+        elif method == "summary":
             data = self.summarised(ratio)
         elif method == "summary_am":
             data = self.summarised_then_compacted(ratio)
         else:
             data = self.compacted(method, ratio)
         self.done[(method, ratio)] = data
-        return {"text": self.name, "method": method, "ratio": ratio, "budget": self.budget(ratio), **data}
+        return {"text": self.name, "set": sets.set_name(self.name), "method": method, "ratio": ratio,
+                "budget": self.budget(ratio), **data}
 
 
-def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
-    """Every (text, method, ratio) cell; ``progress`` is a tqdm bar advanced once per cell."""
+def run(cfg: Config, endpoint: Endpoint, run_id: str, progress, servers=None) -> dict:
+    """Every (text, method, ratio) cell, then every (preset, text, ratio) cell on that preset's server
+    (``servers``: a ``serving.Servers``; without one, e.g. with ``--url``, presets are skipped and said
+    so); ``progress`` is a tqdm bar advanced once per cell."""
     tok = texts.tokenizer()
     block = endpoint.block_size()
-    cells, full = [], {}
-    for name in cfg.texts:
-        progress.set_postfix_str(f"{name} full context")
-        text = _Cells(cfg, endpoint, tok, name, run_id, block)
-        full[name] = {"doc_tokens": len(text.doc), "cont_tokens": len(text.cont), "request_s": text.full_s}
-        for method in cfg.methods:
-            for ratio in cfg.ratios:
-                progress.set_postfix_str(f"{name} {method} r={ratio}")
-                cells.append(text.cell(method, ratio))
-                progress.update()
-    return {"block_size": block, "full_context": full, "cells": cells}
+    cells, full, skipped = [], {}, []
+
+    def pass_over(ep: Endpoint, methods: list[str], tag: str) -> None:
+        for name in cfg.texts:
+            progress.set_postfix_str(f"{tag}{name} full context")
+            text = _Cells(cfg, ep, tok, name, run_id + tag, block)
+            full.setdefault(name, {"doc_tokens": len(text.doc), "cont_tokens": len(text.cont),
+                                   "request_s": text.full_s})
+            for method in methods:
+                for ratio in cfg.ratios:
+                    progress.set_postfix_str(f"{name} {method} r={ratio}")
+                    cells.append(text.cell(method, ratio))
+                    progress.update()
+
+    pass_over(endpoint, cfg.methods, "")
+    for preset in cfg.presets:
+        if servers is None or getattr(servers, "url", None):
+            skipped.append(preset)
+            progress.update(len(cfg.texts) * len(cfg.ratios))
+            continue
+        pass_over(servers.get(preset_spec(preset)), [f"preset:{preset}"], f"-{preset}")
+    return {"block_size": block, "full_context": full, "cells": cells, "presets_skipped": skipped}
 
 
 def steps(cfg: Config) -> int:
-    return len(cfg.texts) * len(cfg.methods) * len(cfg.ratios)
+    return len(cfg.texts) * (len(cfg.methods) + len(cfg.presets)) * len(cfg.ratios)
 
 
 def mean_cell(cells: list[dict], method: str, ratio: float, key: str) -> float | None:
     return output.mean(c.get(key) for c in cells if c["method"] == method and c["ratio"] == ratio)
 
 
+def _methods(result: dict) -> list[str]:
+    """Methods in the order the config lists them, then the preset cells."""
+    cells = result["cells"]
+    listed = list(result["config"]["methods"]) + [f"preset:{p}" for p in result["config"].get("presets", [])]
+    return [m for m in listed if any(c["method"] == m for c in cells)]
+
+
 def grid(result: dict, key: str, spec: str) -> list[str]:
     cfg, cells = result["config"], result["cells"]
-    methods = [m for m in cfg["methods"] if any(c["method"] == m for c in cells)]
+    methods = _methods(result)
     rows = [[m] + [output.fmt(mean_cell(cells, m, r, key), spec) for r in cfg["ratios"]] for m in methods]
     return output.table(["method"] + [f"r={r:g}" for r in cfg["ratios"]], rows)
 
@@ -202,9 +264,11 @@ def markdown(result: dict) -> str:
         f"scored after it (mean over texts). KV block {result['block_size']} tokens; {cfg['keep_first']} sink tokens "
         "stay raw. Lower is better except agreement."), "",
         *answers.fidelity_lines(answers.fidelity(result)), "",
-        "## ΔNLL of the continuation (% of full-context NLL)", *grid(result, "delta_nll_pct", "+.2f"), "",
-        f"## KL@{cfg['top']}(full ‖ reduced) per token", *grid(result, "kl", ".4f"), "",
-        "## Teacher-forced top-1 agreement with full context", *grid(result, "top1_agreement", ".3f"), "",
+        f"## KL@{cfg['top']}(full ‖ reduced) per token, by corpus set",
+        *sets.lines(result["cells"], "kl", ".4f", f"KL@{cfg['top']}", _methods(result)),
+        "## ΔNLL of the continuation (% of full-context NLL), by corpus set",
+        *sets.lines(result["cells"], "delta_nll_pct", "+.2f", "ΔNLL %", _methods(result)),
+        "## Teacher-forced top-1 agreement with full context (all texts)", *grid(result, "top1_agreement", ".3f"), "",
         "## Kept KV entries of the document (sinks + budget + raw tail; padding excluded)", *grid(result, "kept", ".0f"), "",
         "## Compaction seconds (worker side, all layers)", *grid(result, "compaction_s", ".2f"), "",
     ]
@@ -213,6 +277,9 @@ def markdown(result: dict) -> str:
             ["text", "method", "ratio", "mode", "summary tokens", "kept", "generation s"],
             [[c["text"], c["method"], c["ratio"], c.get("mode", ""), c.get("summary_tokens"), c.get("kept"),
               output.fmt(c.get("summary_s"), ".1f")] for c in result["cells"] if c["method"] in TEXT_METHODS]), ""]
+    if result.get("presets_skipped"):
+        lines += [f"Presets not run (a server given by --url serves one configuration): "
+                  f"{', '.join(result['presets_skipped'])}.", ""]
     full = result["full_context"]
     lines.append("Full-context request (prefill + 1 token): " + ", ".join(
         f"{name} {v['request_s']:.2f} s" for name, v in full.items()) + ".")

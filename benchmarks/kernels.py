@@ -30,7 +30,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the benchmarks package, not sibling modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pydantic import BaseModel, ConfigDict
+try:  # the suite form needs pydantic; the script form (e.g. scripts/gpu_check.sh on a bare GPU image) does not
+    from pydantic import BaseModel, ConfigDict
+except ImportError:  # pragma: no cover - exercised on machines without pydantic
+    BaseModel, ConfigDict = object, dict
 
 from benchmarks import output, plots
 from benchmarks.stamp import stamp

@@ -28,8 +28,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The project's console script (``vllm serve`` that also works with the CPU wheel), next to this Python.
+CONSOLE_SCRIPT = Path(sys.executable).parent / "vllm-attnmatch"
+
+
+def launch_command(model: Path | str, console_script: bool) -> list[str]:
+    """The documented ``vllm-attnmatch serve MODEL``, or vLLM's server module (same parser, same server)."""
+    if console_script:
+        if not CONSOLE_SCRIPT.is_file():
+            raise FileNotFoundError(f"{CONSOLE_SCRIPT} is missing: install the project (pip install -e .)")
+        return [str(CONSOLE_SCRIPT), "serve", str(model)]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+
+
+def config_args(additional_config: dict | None, config_via: str = "flag") -> list[str]:
+    """Command-line form of the settings: the ``attnmatch`` section through the plugin's ``--attnmatch``
+    flag (a preset name given as a string stays a bare name), anything else through ``--additional-config``;
+    ``config_via="additional-config"`` passes everything the old way (both forms are equivalent)."""
+    if additional_config is None:
+        return []
+    if config_via == "additional-config":
+        return ["--additional-config", json.dumps(additional_config)]
+    if config_via != "flag":
+        raise ValueError(f"config_via must be 'flag' or 'additional-config', not {config_via!r}")
+    rest = {k: v for k, v in additional_config.items() if k != "attnmatch"}
+    args = ["--additional-config", json.dumps(rest)] if rest else []
+    if "attnmatch" in additional_config:
+        section = additional_config["attnmatch"]
+        args += ["--attnmatch", section if isinstance(section, str) else json.dumps(section)]
+    return args
+
+
 class Server:
-    """One ``python -m vllm.entrypoints.openai.api_server`` process and its log."""
+    """One vLLM OpenAI server process (``vllm-attnmatch serve`` or vLLM's server module) and its log.
+
+    ``additional_config`` is ``{"attnmatch": section}`` (plus other plugins' keys, if any), or None for a
+    server without the plugin's settings (stock vLLM). See :func:`config_args` for how it is passed.
+    """
 
     def __init__(
         self,
@@ -40,6 +75,9 @@ class Server:
         extra_env: dict[str, str] | None = None,
         kv_cache_gib: float = 1,
         max_model_len: int = 4096,
+        *,
+        config_via: str = "flag",
+        console_script: bool = False,
     ):
         self.name = name
         self.port = _free_port()
@@ -48,12 +86,12 @@ class Server:
         self.dump_dir = self.workdir / "dumps"
         self.dump_dir.mkdir()
         args = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model), "--served-model-name", "smollm2", "--dtype", "float32",
+            *launch_command(model, console_script),
+            "--served-model-name", "smollm2", "--dtype", "float32",
             "--max-model-len", str(max_model_len), "--port", str(self.port), *extra_args,
+            *config_args(additional_config, config_via),
         ]
-        if additional_config is not None:
-            args += ["--additional-config", json.dumps(additional_config)]
+        self.command = args
         env = dict(
             os.environ,
             VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),

@@ -14,6 +14,8 @@ Writes ``benchmarks/results/<prefix>.json``, ``.md`` and ``.png`` stamped with m
     python -m benchmarks offline                       # the full grid (~15 min on 2 cores)
     python -m benchmarks offline --ratios 0.1 --methods highest_attention h2o --texts GPL-3
     python -m benchmarks offline --timing 1024 4096    # only compaction time vs the reference prefill
+    python -m benchmarks offline --texts dev test --sources context --presets default quality paper
+        # the corpus (benchmarks/corpus.py): TEST means with spread, DEV beside them
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from vllm_attnmatch.algorithms import BASELINES, METHODS, budget, compact, group
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
 from vllm_attnmatch.algorithms.targets import compute_targets
 
-from . import output, plots, texts
+from . import output, plots, sets, texts
 from .stamp import describe
 from .stamp import stamp as _stamp
 
@@ -42,7 +44,7 @@ class Workload:
 
     def __init__(self, model: ReferenceLlama, tokenizer, name: str, doc_tokens: int, cont_tokens: int,
                  sources: tuple[str, ...]):
-        self.name = texts.path_of(name).name
+        self.name = texts.display_name(name)
         self.model = model
         self.doc, self.cont = texts.split(texts.token_ids(tokenizer, name), doc_tokens, cont_tokens, name)
         t0 = time.perf_counter()
@@ -72,8 +74,10 @@ class Workload:
             self.queries["repeat"] = [group_queries(q[start:], H, pos) for q in rq]
 
 
-def run_one(w: Workload, method: str, ratio: float, source: str, options: dict | None = None) -> dict:
-    """Compact every layer with ``method`` at ``ratio``, teacher-force C, return the metrics."""
+def run_one(w: Workload, method: str, ratio: float, source: str, options: dict | None = None,
+            label: str | None = None) -> dict:
+    """Compact every layer with ``method`` at ``ratio``, teacher-force C, return the metrics (``method``
+    in the row is ``label`` when given: a named variant or preset of an AM method)."""
     options = dict(options or {})
     T = len(w.doc)
     t = budget(T, ratio=ratio)
@@ -102,7 +106,8 @@ def run_one(w: Workload, method: str, ratio: float, source: str, options: dict |
     top1 = float((logits.argmax(-1) == w.full_logits.argmax(-1)).float().mean())
     max_abs_v = max(float(kv.values.abs().max()) for kv in cache)
     return {
-        "text": w.name, "source": source, "method": method, "ratio": ratio, "target": t, "T": T,
+        "text": w.name, "set": sets.set_name(w.name), "source": source, "method": label or method,
+        "base_method": method, "ratio": ratio, "target": t, "T": T,
         "kl": kl, "nll": nll, "full_nll": w.full_nll, "dnll_pct": 100.0 * (nll - w.full_nll) / w.full_nll,
         "top1": top1, "attn_out_err": sum(out_err) / len(out_err), "attn_mass_err": sum(mass_err) / len(mass_err),
         "compact_s": secs, "query_s": w.query_s[source], "prefill_s": w.prefill_s,
@@ -120,16 +125,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Offline fidelity ({meta['utc']})", "", f"Command: `{meta['command']}`  ",
              f"{describe(meta)} · {meta['torch_threads']} torch threads", "",
              "Cell: mean continuation KL(full‖compacted) / ΔNLL % of full NLL. Lower is better.", ""]
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    for source in sorted({r["source"] for r in rows}):
+        sub = [r for r in rows if r["source"] == source]
+        lines += [f"## Summary over texts, {source} queries", ""]
+        lines += sets.lines(sub, "kl", ".3f", "mean continuation KL", labels)
+        lines += sets.lines(sub, "dnll_pct", "+.2f", "ΔNLL % of full NLL", labels)
+    if any(r.get("options") for r in rows):
+        lines += ["## Options of each variant", ""] + [
+            f"- `{m}`: `{r['base_method']}` {json.dumps(r['options'])}" for m in labels
+            for r in [next(x for x in rows if x["method"] == m)]] + [""]
+    lines += ["## Per text", ""]
     ratios = sorted({r["ratio"] for r in rows}, reverse=True)
     for text in sorted({r["text"] for r in rows}):
         for source in sorted({r["source"] for r in rows}):
             sub = [r for r in rows if r["text"] == text and r["source"] == source]
             if not sub:
                 continue
-            lines += [f"## {text}, {source} queries", "",
+            lines += [f"### {text} ({sets.set_name(text)}), {source} queries", "",
                       "| method | " + " | ".join(f"r={x}" for x in ratios) + " |",
                       "|---|" + "---|" * len(ratios)]
-            for m in [m for m in METHODS if any(r["method"] == m for r in sub)]:
+            for m in [m for m in labels if any(r["method"] == m for r in sub)]:
                 cells = []
                 for x in ratios:
                     c = [r for r in sub if r["method"] == m and r["ratio"] == x]
@@ -137,7 +153,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
             lines += ["", "| method (top-1 agree / attn out err / mass err / compact s) | "
                       + " | ".join(f"r={x}" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
-            for m in [m for m in METHODS if any(r["method"] == m for r in sub)]:
+            for m in [m for m in labels if any(r["method"] == m for r in sub)]:
                 cells = []
                 for x in ratios:
                     c = [r for r in sub if r["method"] == m and r["ratio"] == x]
@@ -156,7 +172,7 @@ def timing(model, tok, text: str, T: int, ratio: float, methods, options: dict |
     prefill_s = time.perf_counter() - t0
     H = model.num_kv_heads
     grouped = [group_queries(q, H, torch.arange(len(ids))) for q in qs]
-    out = {"text": texts.path_of(text).name, "T": len(ids), "ratio": ratio, "prefill_s": prefill_s, "methods": {}}
+    out = {"text": texts.display_name(text), "T": len(ids), "ratio": ratio, "prefill_s": prefill_s, "methods": {}}
     for m in methods:
         best = float("inf")
         for _ in range(repeats):
@@ -172,20 +188,43 @@ def timing(model, tok, text: str, T: int, ratio: float, methods, options: dict |
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks offline", description=__doc__.split("\n")[0])
     ap.add_argument("--texts", nargs="+", default=["GPL-3", "Apache-2.0"],
-                    help="files in /usr/share/common-licenses (or paths)")
+                    help="corpus names (benchmarks/corpus.py), dev | test | all, licence names or paths")
     ap.add_argument("--doc-tokens", type=int, default=1024)
     ap.add_argument("--cont-tokens", type=int, default=256)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05, 0.02])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                    help="methods with their defaults (none: only --variants / --presets)")
     ap.add_argument("--sources", nargs="+", default=["context", "repeat"], choices=["context", "repeat"])
     ap.add_argument("--options", default="{}", help="JSON options passed to compact() for AM methods")
+    ap.add_argument("--variants", default=None,
+                    help='JSON (or a .json path) {"label": {"method": "highest_attention", <compact() options>}}: '
+                         "extra named AM variants, each reported as its own method")
+    ap.add_argument("--presets", nargs="*", default=[],
+                    help="bundled presets (or YAML paths) run with their method and algorithm options, reported "
+                         "as preset:<name>")
     ap.add_argument("--prefix", default="offline_fidelity", help="output file stem in benchmarks/results/")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 by default: on a shared 2-core machine 2 threads spin against other "
                          "jobs and ran 10x slower")
     ap.add_argument("--timing", type=int, nargs="*", metavar="T",
                     help="only time compaction of all layers at these context lengths (ratio = first --ratios)")
+    ap.add_argument("--merge", nargs="+", metavar="STEM",
+                    help="only merge the rows of these results files (stems in benchmarks/results/ or .json paths, "
+                         "e.g. runs split over processes) into --prefix, with the per-set summary")
     args = ap.parse_args(argv)
+    if args.merge:
+        rows, commands = [], []
+        for stem in args.merge:
+            data = json.loads(open(stem).read()) if stem.endswith(".json") else output.read(stem)
+            if data is None:
+                raise SystemExit(f"--merge: no results file {stem!r} in {output.RESULTS}")
+            rows += data["rows"]
+            commands += data.get("merged") or [data["meta"]["command"]]
+        rows, dropped = complete_texts(rows)
+        if dropped:
+            print(f"left out (not every method × ratio measured, e.g. an interrupted run): {', '.join(dropped)}")
+        print(write(rows, args.prefix, png=True, merged=commands, dropped=dropped))
+        return
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -214,31 +253,78 @@ def main(argv=None) -> None:
         print("\n".join(lines))
         return
     rows = []
-    jobs = [(text, s, m, r) for text in args.texts for s in args.sources for m in args.methods for r in args.ratios]
+    names = texts.expand(args.texts)
+    cells = [(m, m, am_options if m not in BASELINES else None) for m in args.methods]
+    cells += variant_cells(args.variants) + [preset_cell(p) for p in args.presets]
+    jobs = [(text, s, c, r) for text in names for s in args.sources for c in cells for r in args.ratios]
     bar = tqdm(total=len(jobs), desc="fidelity")
-    for text in args.texts:
+    for text in names:
         w = Workload(model, tok, text, args.doc_tokens, args.cont_tokens, tuple(args.sources))
         reuse: dict = {}
         for s in args.sources:
-            for m in args.methods:
+            for label, m, options in cells:
                 for r in args.ratios:
-                    if m in QUERY_FREE and (m, r) in reuse:
+                    if m in QUERY_FREE and label == m and (m, r) in reuse:
                         row = dict(reuse[(m, r)], source=s)
                     else:
-                        row = run_one(w, m, r, s, am_options if m not in BASELINES else None)
+                        row = run_one(w, m, r, s, options, label)
                         reuse[(m, r)] = row
                     rows.append(row)
                     write(rows, args.prefix, png=False)
-                    bar.set_postfix_str(f"{w.name} {s} {m} r={r} kl={row['kl']:.3f}")
+                    bar.set_postfix_str(f"{w.name} {s} {label} r={r} kl={row['kl']:.3f}")
                     bar.update()
     bar.close()
     print(write(rows, args.prefix, png=True))
 
 
-def write(rows, prefix, png: bool) -> str:
+def variant_cells(spec: str | None) -> list[tuple[str, str, dict]]:
+    """``(label, method, options)`` of the ``--variants`` JSON (inline or a path)."""
+    if not spec:
+        return []
+    data = json.loads(open(spec).read() if spec.endswith(".json") else spec)
+    out = []
+    for label, opts in data.items():
+        opts = dict(opts)
+        method = opts.pop("method", "highest_attention")
+        if method not in METHODS:
+            raise SystemExit(f"--variants {label}: unknown method {method!r}; choose from {METHODS}")
+        out.append((label, method, opts))
+    return out
+
+
+def preset_cell(name: str) -> tuple[str, str, dict]:
+    """``(preset:<name>, method, options)``: what a server started with the preset runs on a request
+    that only sets a ratio (its method and that method's algorithm options)."""
+    from vllm_attnmatch.config import parse_server_config
+
+    cfg = parse_server_config({"preset": name})
+    if cfg.queries != "context":
+        print(f"note: preset {name} uses {cfg.queries} queries on the served path; offline it runs on the "
+              "--sources given")
+    return f"preset:{name}", cfg.method, dict(cfg.algorithm_options(cfg.method))
+
+
+def complete_texts(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Only the texts with every (source, method, ratio) cell the rows hold for any text, so that every
+    mean over a set is over the same texts; and the texts left out."""
+    cells = {(r["source"], r["method"], r["ratio"]) for r in rows}
+    have: dict[str, set] = {}
+    for r in rows:
+        have.setdefault(r["text"], set()).add((r["source"], r["method"], r["ratio"]))
+    dropped = sorted(t for t, c in have.items() if c != cells)
+    return [r for r in rows if r["text"] not in dropped], dropped
+
+
+def write(rows, prefix, png: bool, merged: list[str] | None = None, dropped: list[str] | None = None) -> str:
     """Rewritten after every cell, so an interrupted run keeps what it measured."""
     meta = stamp()
     md = markdown(rows, meta)
-    output.write({"suite": "offline", "meta": meta, "rows": rows}, prefix, md,
-                 (lambda result, path: plots.offline(rows, path, METHODS)) if png else None)
+    if merged:
+        note = "Merged from the runs " + "; ".join(f"`{c}`" for c in merged) + "."
+        if dropped:
+            note += f" Left out, not measured with every method × ratio: {', '.join(dropped)}."
+        md = md.replace("\n\n", f"\n\n{note}\n\n", 1)
+    output.write({"suite": "offline", "meta": meta, "rows": rows, "merged": merged}, prefix, md,  # merged: commands
+                 (lambda result, path: plots.offline(rows, path, list(dict.fromkeys(r["method"] for r in rows))))
+                 if png else None)
     return md

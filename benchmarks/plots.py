@@ -21,12 +21,16 @@ def _pyplot():
     return plt
 
 
+EVICTION = ("h2o", "snapkv", "tova", "streaming", "truncate", "random")
+
+
 def _style(method: str) -> dict:
-    if method in AM:
-        return {"lw": 2.6, "marker": "o"}
+    """AM methods, presets and named AM variants thick; summaries dashed; eviction baselines thin."""
     if method in TEXT:
         return {"lw": 1.6, "ls": "--", "marker": "s"}
-    return {"lw": 1.1, "marker": "."}
+    if method in EVICTION:
+        return {"lw": 1.1, "marker": "."}
+    return {"lw": 2.6, "marker": "o"}
 
 
 def _ratio_axis(ax, ratios) -> None:
@@ -54,26 +58,33 @@ def _save(fig, path: Path, rect=None) -> None:
 
 
 def fidelity(result: dict, path: Path) -> None:
-    from .fidelity import mean_cell
+    """Mean over the texts of each corpus set (TEST first): ΔNLL, KL and top-1 agreement against the ratio."""
+    from .fidelity import _methods, mean_cell
+    from .sets import SET_ORDER, set_name
 
     plt = _pyplot()
-    cfg, cells = result["config"], result["cells"]
+    cfg = result["config"]
+    present = [s for s in SET_ORDER if any(set_name(c["text"]) == s for c in result["cells"])]
     panels = (("delta_nll_pct", "ΔNLL of continuation (% of full)"), ("kl", f"KL@{cfg['top']}(full ‖ reduced) per token"),
               ("top1_agreement", "teacher-forced top-1 agreement"))
-    fig, axes = plt.subplots(1, 3, figsize=(16.5, 4.4))
-    for method in cfg["methods"]:
-        ratios = [r for r in cfg["ratios"] if mean_cell(cells, method, r, "kl") is not None]
-        if not ratios:
-            continue
-        for ax, (key, _) in zip(axes, panels):
-            ax.plot(ratios, [mean_cell(cells, method, r, key) for r in ratios], label=method, **_style(method))
-    for ax, (key, label) in zip(axes, panels):
-        _ratio_axis(ax, cfg["ratios"])
-        ax.set_ylabel(label)
-    axes[0].axhline(2.0, color="grey", lw=0.8, ls=":")
-    axes[1].set_yscale("log")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
-    _title(fig, result, f"Fidelity vs kept ratio ({', '.join(cfg['texts'])}, document {cfg['doc_tokens']} tokens)")
+    fig, axes = plt.subplots(len(present), 3, figsize=(16.5, 4.4 * len(present)), squeeze=False)
+    for row, set_ in zip(axes, present):
+        cells = [c for c in result["cells"] if set_name(c["text"]) == set_]
+        n_texts = len({c["text"] for c in cells})
+        for method in _methods(result):
+            ratios = [r for r in cfg["ratios"] if mean_cell(cells, method, r, "kl") is not None]
+            if not ratios:
+                continue
+            for ax, (key, _) in zip(row, panels):
+                ax.plot(ratios, [mean_cell(cells, method, r, key) for r in ratios], label=method, **_style(method))
+        for ax, (key, label) in zip(row, panels):
+            _ratio_axis(ax, cfg["ratios"])
+            ax.set_ylabel(label)
+            ax.set_title(f"{set_.upper()} set, mean over {n_texts} texts", fontsize=9)
+        row[0].axhline(2.0, color="grey", lw=0.8, ls=":")
+        row[1].set_yscale("log")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    _title(fig, result, f"Fidelity vs kept ratio ({len(cfg['texts'])} texts, document {cfg['doc_tokens']} tokens)")
     _save(fig, path, rect=(0, 0, 0.88, 1))
 
 
@@ -152,19 +163,29 @@ def kernels(result: dict, path: Path) -> None:
 
 
 def offline(rows: list[dict], path: Path, methods) -> None:
-    """Algorithm-level fidelity: continuation KL vs ratio, one panel per (text, query source)."""
+    """Algorithm-level fidelity: mean continuation KL over the texts of each corpus set vs ratio (shaded:
+    min–max over texts), one panel per (set, query source); TEST first."""
+    from .sets import SET_ORDER, set_name
+
     plt = _pyplot()
-    keys = sorted({(r["text"], r["source"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
-    for ax, (text, source) in zip(axes[0], keys):
+    present = {(set_name(r["text"]), r["source"]) for r in rows}
+    keys = sorted(present, key=lambda k: (SET_ORDER.index(k[0]), k[1]))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.4), squeeze=False)
+    for ax, (set_, source) in zip(axes[0], keys):
+        sub = [r for r in rows if set_name(r["text"]) == set_ and r["source"] == source]
+        n_texts = len({r["text"] for r in sub})
         for m in methods:
-            sub = sorted([r for r in rows if r["text"] == text and r["source"] == source and r["method"] == m],
-                         key=lambda r: r["ratio"])
-            if sub:
-                ax.plot([r["ratio"] for r in sub], [r["kl"] for r in sub], label=m, **_style(m))
-        _ratio_axis(ax, {r["ratio"] for r in rows})
+            ratios = sorted({r["ratio"] for r in sub if r["method"] == m})
+            if not ratios:
+                continue
+            vals = [[r["kl"] for r in sub if r["method"] == m and r["ratio"] == x] for x in ratios]
+            line = ax.plot(ratios, [sum(v) / len(v) for v in vals], label=m, **_style(m))[0]
+            if n_texts > 1:
+                ax.fill_between(ratios, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(),
+                                alpha=0.08)
+        _ratio_axis(ax, {r["ratio"] for r in sub})
         ax.set_yscale("log")
-        ax.set_ylabel("continuation KL(full‖compacted)")
-        ax.set_title(f"{text} · {source} queries")
-    axes[0][0].legend(fontsize=8)
+        ax.set_ylabel("continuation KL(full‖compacted), mean over texts")
+        ax.set_title(f"{set_.upper()} set ({n_texts} texts) · {source} queries")
+    axes[0][0].legend(fontsize=7)
     _save(fig, path)

@@ -1,7 +1,9 @@
-"""Real text for the benchmarks: licence texts shipped with the OS, tokenised by the served model's tokenizer.
+"""Real text for the benchmarks, tokenised by the served model's tokenizer.
 
-Why licence texts: they are real, long, English, present on every Debian/Ubuntu machine, and nobody has to
-download anything. A document/continuation split of one of them is what the fidelity numbers score.
+A text is named by a corpus name (``benchmarks.corpus``: the DEV/TEST split of real texts of six kinds),
+a licence under /usr/share/common-licenses, or a path. ``dev`` / ``test`` / ``all`` in a list of texts
+expand to that corpus set (:func:`expand`). A document/continuation split of a text is what the fidelity
+numbers score.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+
+from . import corpus
 
 LICENSES = Path("/usr/share/common-licenses")
 #: the texts the fidelity suite uses by default (long enough for 1024 + 256 tokens)
@@ -18,12 +22,35 @@ LONG_TEXTS = ("GPL-3", "Apache-2.0", "GPL-2", "MPL-2.0", "LGPL-2.1", "GFDL-1.3")
 
 
 def path_of(name: str) -> Path:
-    """A file under /usr/share/common-licenses by name, or any path."""
+    """A corpus text's file, a file under /usr/share/common-licenses by name, or any path."""
+    if name in corpus.BY_NAME:
+        return corpus.BY_NAME[name].path
     return Path(name) if os.path.sep in name else LICENSES / name
 
 
+def display_name(name: str) -> str:
+    """What results call a text: its corpus name, else the file name."""
+    return name if name in corpus.BY_NAME else path_of(name).name
+
+
 def read(name: str) -> str:
-    return path_of(name).read_text()
+    """The text (a corpus name is checked against its recorded digest, see ``benchmarks.corpus``)."""
+    if name in corpus.BY_NAME:
+        return corpus.read(name)
+    path = path_of(name)
+    if not path.is_file():
+        raise SystemExit(f"text {name!r}: no file {path} (corpus names: {', '.join(corpus.BY_NAME)})")
+    return path.read_text()
+
+
+def expand(names) -> list[str]:
+    """Text names with ``dev`` / ``test`` / ``all`` replaced by the corpus set, duplicates dropped."""
+    out: list[str] = []
+    for name in names:
+        for n in (corpus.names(name) if name in ("dev", "test", "all") else (name,)):
+            if n not in out:
+                out.append(n)
+    return out
 
 
 @functools.lru_cache(maxsize=4)

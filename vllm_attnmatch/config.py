@@ -1,5 +1,6 @@
-"""Configuration: the server settings (``--additional-config '{"attnmatch": {...}}'``) and the
-per-request keys (``vllm_xargs`` → ``SamplingParams.extra_args``).
+"""Configuration: the server settings (``--attnmatch PRESET|JSON|PATH``, or equivalently
+``--additional-config '{"attnmatch": {...}}'``) and the per-request keys (``vllm_xargs`` →
+``SamplingParams.extra_args``).
 
 Why pydantic: every value a user can type is validated in one place, unknown keys are rejected, and
 errors name the key and the allowed values. This module must not import vLLM: the scheduler, the
@@ -12,7 +13,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 CONFIG_KEY = "attnmatch"
 REQUEST_KEY_PREFIX = "am_"
 
-Method = Literal["highest_attention", "omp", "snapkv", "h2o", "streaming", "truncate", "random"]
+Method = Literal["highest_attention", "omp", "snapkv", "h2o", "tova", "streaming", "truncate", "random"]
 QuerySource = Literal["context", "repeat", "self_study"]
 METHOD_NAMES: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 QUERY_SOURCES: tuple[str, ...] = QuerySource.__args__  # type: ignore[attr-defined]
-PRESETS: tuple[str, ...] = ("default", "fast", "quality", "online")
+PRESETS: tuple[str, ...] = ("default", "fast", "quality", "online", "paper")
 
 # Bounds that keep a single request from asking for absurd work; generous for real contexts.
 MAX_TOKENS_BOUND = 10_000_000
@@ -61,7 +62,7 @@ REQUEST_KEYS_ALLOWED: dict[str, str] = {
 
 
 class RequestParams(BaseModel):
-    """The ``am_*`` keys of one request, exactly as the contract in DESIGN.md names them.
+    """The ``am_*`` keys of one request, exactly as the README's table of per-request keys names them.
 
     Strict types: HTTP clients send JSON numbers and strings, and a string where a number belongs is
     a client bug worth a 400, not a silent coercion. ``true`` arrives as ``1`` (vLLM's union type)
@@ -129,11 +130,14 @@ def parse_request_params(extra_args: Mapping[str, Any] | None) -> RequestParams:
 # Server settings
 # ------------------------------------------------------------------------------------------------
 
-AlgorithmOption = float | int | str | bool | None
+AlgorithmOption = float | int | str | bool | None | list[float]  # lists: e.g. beta_ridges, beta_bounds
+#: Option names the engine sets itself on every compaction call (per layer); a user value would be
+#: overridden or collide.
+ENGINE_SET_OPTIONS = frozenset({"bias", "scale", "query_positions", "key_positions"})
 
 
 class ServerConfig(BaseModel):
-    """Settings of the ``attnmatch`` section of ``--additional-config``.
+    """Settings of the ``attnmatch`` section (``--attnmatch`` or ``--additional-config``).
 
     Defaults for per-request keys live here under the same names without the ``am_`` prefix; a request
     overrides them key by key. ``ratio`` and ``target_tokens`` both unset means requests without
@@ -171,9 +175,22 @@ class ServerConfig(BaseModel):
     repeat_max_tokens: int = Field(default=2048, ge=1, le=MAX_TOKENS_BOUND)
     self_study_tokens: int = Field(default=48, ge=1, le=4096)
     self_study_seconds: float = Field(default=30.0, gt=0.0, le=3600.0)
+    # Self-study prompt family (worker/query_sources.PROMPT_FAMILIES): tasks | continue | mixed. "continue"
+    # won on the DEV texts (benchmarks/results/query_levers_dev.md).
+    self_study_prompts: Literal["tasks", "continue", "mixed"] = Field(default="continue", description="tasks | continue | mixed")
     min_prompt_tokens: int = Field(default=32, ge=1, le=MAX_TOKENS_BOUND)
-    # Options forwarded to algorithms.compact() (e.g. {"score": "rms"}); names are the algorithm's.
-    algorithm: dict[str, AlgorithmOption] = Field(default_factory=dict)
+    # A compaction runs over several engine steps, this many layers per step while other requests are
+    # scheduled (all remaining layers when nothing else runs), so that it never freezes the batch.
+    # None: every layer in one step (the batch waits for the whole compaction).
+    compaction_layers_per_step: int | None = Field(default=1, ge=1, le=4096)
+    # Options forwarded to algorithms.compact(); names are the algorithm's. A plain key applies to every
+    # method (e.g. {"max_queries": 512}); a method's own options go in its section, used only when a
+    # request runs that method (e.g. {"highest_attention": {"reduction": "rms"}, "snapkv": {"window": 64}}).
+    # Checked at start-up by a dry run of every method (vllm_attnmatch/option_check.py).
+    algorithm: dict[str, AlgorithmOption | dict[str, AlgorithmOption]] = Field(
+        default_factory=dict,
+        description="options of every method, and per-method sections <method>: {option: value}",
+    )
     log_compactions: bool = True
 
     @field_validator("head_budgets")
@@ -189,14 +206,32 @@ class ServerConfig(BaseModel):
             raise ValueError("ratio and target_tokens are mutually exclusive")
         return self
 
+    def algorithm_options(self, method: str) -> dict[str, AlgorithmOption]:
+        """The options a compaction with ``method`` gets: the shared ones, then the method's section."""
+        shared = {k: v for k, v in self.algorithm.items() if not isinstance(v, Mapping)}
+        section = self.algorithm.get(method)
+        return {**shared, **(dict(section) if isinstance(section, Mapping) else {})}
+
     def summary(self) -> str:
         """One line with the effective settings, for the per-process start-up log line."""
         return json.dumps(self.model_dump(exclude={"preset"}), sort_keys=True, separators=(",", ":"))
 
 
-SERVER_KEYS_ALLOWED: dict[str, str] = {
-    name: (field.description or str(field.annotation)) for name, field in ServerConfig.model_fields.items()
-}
+def _allowed(field) -> str:
+    """What a server setting accepts, in words: its description, else its type and bounds."""
+    if field.description:
+        return field.description
+    symbols = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [f"{symbols[name]} {getattr(m, name)}" for m in field.metadata for name in symbols if hasattr(m, name)]
+    annotation = field.annotation
+    if get_origin(annotation) is Literal:
+        kind = " | ".join(map(str, get_args(annotation)))
+    else:
+        kind = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+    return kind + (", " + " and ".join(bounds) if bounds else "")
+
+
+SERVER_KEYS_ALLOWED: dict[str, str] = {name: _allowed(field) for name, field in ServerConfig.model_fields.items()}
 
 
 def head_budget_path(name_or_path: str) -> Path:
@@ -246,10 +281,34 @@ def parse_server_config(section: Any) -> ServerConfig:
         merged.update(load_preset(str(section["preset"])))
     merged.update(section)
     try:
-        return ServerConfig.model_validate(merged)
+        config = ServerConfig.model_validate(merged)
     except ValidationError as exc:
         err = _first_error(exc, SERVER_KEYS_ALLOWED)
         raise ConfigError(f"{CONFIG_KEY}.{err.key}", str(err).split(": ", 1)[1]) from None
+    _check_algorithm_layout(config.algorithm)
+    return config
+
+
+def _check_algorithm_layout(algorithm: Mapping[str, Any]) -> None:
+    """The shape of ``algorithm``: sections only under method names, no option the engine sets itself.
+    Whether the values work is checked at start-up by a dry run (option_check.check_algorithm_options)."""
+    for name, value in algorithm.items():
+        key = f"{CONFIG_KEY}.algorithm.{name}"
+        if isinstance(value, Mapping):
+            if name not in METHOD_NAMES:
+                raise ConfigError(key, "a section of options for an unknown method", " | ".join(METHOD_NAMES))
+            options = value
+            key_prefix = key
+        elif name in METHOD_NAMES:
+            raise ConfigError(key, f"a method's section must be a mapping of options, got {value!r}")
+        else:
+            options, key_prefix = {name: value}, f"{CONFIG_KEY}.algorithm"
+        for option in options:
+            if option in ENGINE_SET_OPTIONS:
+                raise ConfigError(
+                    f"{key_prefix}.{option}", "is set by the engine on every compaction",
+                    "any other option of the method; not " + ", ".join(sorted(ENGINE_SET_OPTIONS)),
+                )
 
 
 def server_config_from(additional_config: Any) -> ServerConfig | None:

@@ -1,8 +1,9 @@
 """The ``vllm.general_plugins`` entry point: version guard and engine wiring.
 
 vLLM calls :func:`register` with no arguments in every process (API server / ``LLM``, EngineCore, each
-worker), before any config exists in that process. So the entry point only installs one small hook on
-``EngineArgs.create_engine_config``; when (and only when) the user's ``additional_config`` carries an
+worker), before any config exists in that process. So the entry point only installs the ``--attnmatch``
+flag (:mod:`.cli_flag`, which files its value under ``additional_config["attnmatch"]``) and one small hook
+on ``EngineArgs.create_engine_config``; when (and only when) the user's ``additional_config`` carries an
 ``attnmatch`` section, that hook validates it and points vLLM at the plugin's scheduler, worker and
 request validator, and turns off what the plugin does not support. The resulting ``VllmConfig`` is
 shipped to EngineCore and the workers, whose plugin classes log their own start-up line.
@@ -19,7 +20,11 @@ from vllm.logger import init_logger
 
 from vllm_attnmatch import __version__
 from vllm_attnmatch.config import CONFIG_KEY, ConfigError, ServerConfig, request_keys, server_config_from
+from vllm_attnmatch.cli_flag import install_cli_flag
 from vllm_attnmatch.metrics import install_collector
+from vllm_attnmatch.option_check import check_algorithm_options
+from vllm_attnmatch.report_endpoint import install as install_report_endpoint
+from vllm_attnmatch.support import check_engine_args, check_vllm_config
 
 logger = init_logger("vllm.attnmatch")
 
@@ -53,6 +58,7 @@ def register() -> None:
     """Entry point. Idempotent: installs the config hook at most once per process."""
     from vllm.engine.arg_utils import EngineArgs
 
+    install_cli_flag()  # --attnmatch on vllm serve: vLLM loads plugins before building its parser
     original = EngineArgs.create_engine_config
     if getattr(original, _HOOK_MARKER, False):
         return
@@ -66,6 +72,9 @@ def register() -> None:
             if not supported:
                 raise RuntimeError(version_error(version))
             configure_engine_args(self)
+            config = original(self, *args, **kwargs)
+            check_vllm_config(config)  # model facts of the support matrix, known only once the config is built
+            return config
         return original(self, *args, **kwargs)
 
     setattr(create_engine_config, _HOOK_MARKER, True)
@@ -75,7 +84,7 @@ def register() -> None:
 
 
 def _configure_platform(args: Any) -> str:
-    """Worker class for this platform; on CUDA also the attention backend and eager mode."""
+    """Worker class for this platform; on CUDA also the attention backend."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -89,8 +98,9 @@ def _configure_platform(args: Any) -> str:
             _refuse("--attention-backend", args.attention_backend, "β needs the plugin's Triton backend")
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
         args.attention_backend = AttentionBackendEnum.CUSTOM
-        # The biased path of compacted requests runs from Python per step: no CUDA graphs yet.
-        args.enforce_eager = True
+        # vLLM's default compilation and CUDA graphs stay on: the backend reports no full-graph support,
+        # so vLLM resolves the graphs to PIECEWISE and attention (with β and the query capture) runs
+        # eagerly between the pieces. `--enforce-eager` forces eager mode for everything, as in stock vLLM.
         return GPU_WORKER_CLS
     raise RuntimeError(
         f"vllm-attnmatch supports the CPU and CUDA platforms, not {current_platform.device_name!r}"
@@ -105,16 +115,8 @@ def configure_engine_args(args: Any) -> ServerConfig:
     """Validate the ``attnmatch`` section and wire the plugin into ``args`` (an ``EngineArgs``)."""
     server = server_config_from(args.additional_config)
     assert server is not None
-    if args.scheduler_cls not in (None, SCHEDULER_CLS) and "vllm.v1.core" not in str(args.scheduler_cls):
-        _refuse("--scheduler-cls", args.scheduler_cls, "the plugin brings its own scheduler")
-    if args.worker_cls not in ("auto", CPU_WORKER_CLS, GPU_WORKER_CLS):
-        _refuse("--worker-cls", args.worker_cls, "the plugin brings its own worker")
-    if getattr(args, "speculative_config", None):
-        _refuse("--speculative-config", "set", "speculative decoding is not supported yet")
-    if getattr(args, "pipeline_parallel_size", 1) != 1:
-        _refuse("--pipeline-parallel-size", args.pipeline_parallel_size, "only 1 is supported")
-    if getattr(args, "decode_context_parallel_size", 1) != 1:
-        _refuse("--decode-context-parallel-size", args.decode_context_parallel_size, "only 1 is supported")
+    check_algorithm_options(server)  # a dry run of every method a request may pick (option_check.py)
+    check_engine_args(args)  # the support matrix (vllm_attnmatch/support.py)
 
     args.scheduler_cls = SCHEDULER_CLS
     args.worker_cls = _configure_platform(args)
@@ -127,10 +129,11 @@ def configure_engine_args(args: Any) -> ServerConfig:
     args.async_scheduling = False
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     install_collector()  # /metrics of this (front-end) process shows EngineCore's counters
+    install_report_endpoint()  # GET /v1/attnmatch/requests/{id}: what happened to one request
     refuse_am_keys_with_beam_search()
     logger.info(
         "vllm-attnmatch %s enabled (api server, pid %d): %s; async scheduling off, V1 model runner"
-        + ("" if args.worker_cls == CPU_WORKER_CLS else ", Triton attention backend, eager mode"),
+        + ("" if args.worker_cls == CPU_WORKER_CLS else ", Triton attention backend, piecewise CUDA graphs"),
         __version__,
         os.getpid(),
         server.summary(),

@@ -66,7 +66,8 @@ def test_beta_shifts_attention_like_duplicated_keys(setup):
     assert (a - plain).abs().max() > 1e-3
 
 
-def test_default_attention_matching_beats_eviction_on_continuation_kl(setup):
+def test_default_attention_matching_beats_eviction_on_continuation_kl(setup, device):
+    # The compaction runs on ``device`` (CUDA when present) with CPU positions, the model on the CPU.
     _, model, ids = setup
     T, C = 384, 48
     doc, cont = ids[:T], ids[T:T + C]
@@ -78,9 +79,10 @@ def test_default_attention_matching_beats_eviction_on_continuation_kl(setup):
     def kl(method):
         comp = []
         for kv, (gq, pos) in zip(cache, grouped):
-            r = compact(kv.keys, kv.values, gq, t, method, query_positions=pos, key_positions=torch.arange(T))
+            r = compact(kv.keys.to(device), kv.values.to(device), gq.to(device), t, method, query_positions=pos,
+                        key_positions=torch.arange(T))
             assert torch.isfinite(r.values.to(torch.bfloat16)).all() and torch.isfinite(r.beta).all()
-            comp.append(LayerKV(r.keys, r.values, r.beta))
+            comp.append(LayerKV(r.keys.cpu(), r.values.cpu(), r.beta.cpu()))
         logp = F.log_softmax(model.forward(cont, comp, T), -1)
         return float((full.exp() * (full - logp)).sum(-1).mean())
 

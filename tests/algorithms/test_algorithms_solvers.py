@@ -1,4 +1,5 @@
-"""The maths of the fit on synthetic data: NNLS, ridge values, causal targets, budgets."""
+"""The maths of the fit on synthetic data: NNLS, ridge values, causal targets, the streamed (query-tiled)
+targets, budgets. Device-dependent tests run on the CPU and on CUDA when present (``device`` fixture)."""
 
 import itertools
 import math
@@ -8,7 +9,9 @@ import torch
 
 from vllm_attnmatch.algorithms import budget, global_head_budgets, head_budgets, load_head_shares, save_head_shares
 from vllm_attnmatch.algorithms.nnls import nnls
-from vllm_attnmatch.algorithms.targets import compute_targets, visibility
+from vllm_attnmatch.algorithms import compact
+from vllm_attnmatch.algorithms.scoring import reduce_scores
+from vllm_attnmatch.algorithms.targets import compute_targets, stream_targets, visibility
 from vllm_attnmatch.algorithms.values import ridge_path
 
 
@@ -35,12 +38,12 @@ def _brute_force_box_ls(A, y, lo, hi):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_nnls_matches_brute_force_box_least_squares(seed):
+def test_nnls_matches_brute_force_box_least_squares(seed, device):
     g = torch.Generator().manual_seed(seed)
     A = torch.rand(3, 12, 4, generator=g, dtype=torch.float64)
     y = torch.rand(3, 12, generator=g, dtype=torch.float64) * 2
     lo, hi = 0.05, 1.5
-    w = nnls(A.float(), y.float(), lo, hi, iters=3000)
+    w = nnls(A.float().to(device), y.float().to(device), lo, hi, iters=3000).cpu()
     for h in range(3):
         ref_w, ref_obj = _brute_force_box_ls(A[h], y[h], lo, hi)
         obj = float((A[h] @ w[h].double() - y[h]).pow(2).sum())
@@ -59,13 +62,13 @@ def test_nnls_ridge_pulls_towards_prior():
     assert not torch.allclose(free, torch.ones(2, 5), atol=1e-2)
 
 
-def test_ridge_path_matches_closed_form_and_limits():
+def test_ridge_path_matches_closed_form_and_limits(device):
     g = torch.Generator().manual_seed(4)
     X = torch.softmax(torch.randn(2, 50, 6, generator=g) * 2, -1)
     Y = torch.randn(2, 50, 8, generator=g)
     prior = torch.randn(2, 6, 8, generator=g)
     alphas = (1e-6, 0.1, float("inf"))
-    sols = ridge_path(X, Y, prior, alphas)
+    sols = [s.cpu() for s in ridge_path(X.to(device), Y.to(device), prior.to(device), alphas)]
     G = X.transpose(1, 2) @ X
     for h in range(2):
         lam = 0.1 * torch.trace(G[h]) / 6
@@ -76,10 +79,10 @@ def test_ridge_path_matches_closed_form_and_limits():
     assert torch.equal(sols[2], prior)
 
 
-def test_causal_targets_ignore_future_keys():
+def test_causal_targets_ignore_future_keys(device):
     g = torch.Generator().manual_seed(5)
-    K, V, Q = (torch.randn(1, 10, 4, generator=g) for _ in range(3))
-    pos = torch.arange(10)
+    K, V, Q = (torch.randn(1, 10, 4, generator=g).to(device) for _ in range(3))
+    pos = torch.arange(10, device=device)
     vis = visibility(pos, pos)
     a = compute_targets(K, V, Q, 0.5, visible=vis)
     K2, V2 = K.clone(), V.clone()
@@ -132,3 +135,87 @@ def test_query_gap_hides_the_nearest_keys():
     tg = compute_targets(K, V, Q, 0.5, visible=vis)
     assert tg.valid[0].tolist() == [False] * 3 + [True] * 5
     assert torch.allclose(tg.output[0, 3], V[0, 0], atol=1e-6)  # query 3 only sees key 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("tile", [1, 7, 64, 10_000])
+def test_streamed_targets_match_the_full_block_softmax(device, causal, tile):
+    # The query-tiled pass (issue 13.4) must give the same rowmax, log-mass, outputs and key scores as
+    # the (H, n, T) targets it replaces, whatever the tile, the query order and the bias.
+    g = torch.Generator().manual_seed(12)
+    H, T, n, d = 2, 50, 90, 8
+    K, V, Q = (torch.randn(H, m, d, generator=g).to(device) for m in (T, T, n))
+    bias = torch.randn(H, T, generator=g).to(device)
+    qpos = torch.randperm(n, generator=g) % T  # unsorted, repeated, CPU (as the engine passes them)
+    kpos = torch.arange(T)
+    gap = 3
+    vis = visibility(qpos.to(device), kpos.to(device), gap) if causal else None
+    full = compute_targets(K, V, Q, 0.3, bias, vis)
+    weights = (torch.rand(n, generator=g) > 0.3).float().to(device)
+    rows = torch.tensor([0, 5, 17, 40, 89])
+    st = stream_targets(K, V, Q, 0.3, bias, qpos if causal else None, kpos if causal else None, gap,
+                        ("sum", "mean", "rms", "max"), weights, rows, tile)
+    assert torch.equal(st.valid, full.valid)
+    torch.testing.assert_close(st.rowmax, full.rowmax)
+    torch.testing.assert_close(st.log_mass, full.log_mass)
+    torch.testing.assert_close(st.output, full.output[:, rows.to(device)], atol=1e-5, rtol=1e-5)
+    for r in ("sum", "mean", "rms", "max"):
+        ref = reduce_scores(full.probs, r, weights.expand(H, n))
+        torch.testing.assert_close(st.scores[r], ref, atol=1e-6, rtol=1e-5)
+    assert st.peak_work_bytes <= 2 * H * min(tile, n) * T * 4
+
+
+def test_the_fit_gives_the_same_compaction_whatever_the_query_tile(device):
+    g = torch.Generator().manual_seed(13)
+    K, V, Q = (torch.randn(3, m, 16, generator=g).to(device) for m in (200, 200, 600))
+    kw = dict(query_positions=torch.arange(200).repeat(3), key_positions=torch.arange(200), seed=3)
+    whole = compact(K, V, Q, 20, query_tile=10**6, **kw)
+    for tile in (1, 33, 128):
+        tiled = compact(K, V, Q, 20, query_tile=tile, **kw)
+        assert torch.equal(tiled.indices, whole.indices) and torch.equal(tiled.gate, whole.gate)
+        torch.testing.assert_close(tiled.beta, whole.beta, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tiled.values, whole.values, atol=1e-5, rtol=1e-5)
+    # Work memory is bounded by the tile, not by the number of queries.
+    assert compact(K, V, Q, 20, query_tile=33, **kw).info["peak_work_bytes"] <= 2 * 3 * 33 * 200 * 4
+    assert whole.info["peak_work_bytes"] > 10 * compact(K, V, Q, 20, query_tile=33, **kw).info["peak_work_bytes"]
+
+
+def test_compact_reports_time_per_component():
+    g = torch.Generator().manual_seed(14)
+    K, V, Q = (torch.randn(2, m, 8, generator=g) for m in (64, 64, 128))
+    r = compact(K, V, Q, 8, query_positions=torch.arange(64).repeat(2), key_positions=torch.arange(64))
+    assert set(r.timings) == {"queries", "scoring", "beta", "values", "gate"}
+    assert all(v >= 0 for v in r.timings.values()) and sum(r.timings.values()) <= r.seconds + 1e-3
+    baseline = compact(K, V, Q, 8, "h2o")
+    assert set(baseline.timings) == {"queries", "scoring", "gate"}
+
+
+def test_streamed_and_dense_targets_give_the_same_compaction(device, monkeypatch):
+    # The default path streams query tiles; building the full (H, n, T) targets first (as OMP does) must
+    # not change the compaction beyond float rounding.
+    from vllm_attnmatch.algorithms.highest_attention import HighestAttention
+
+    g = torch.Generator().manual_seed(15)
+    K, V, Q = (torch.randn(3, m, 16, generator=g).to(device) * 1.5 for m in (300, 300, 900))
+    kw = dict(query_positions=torch.arange(300).repeat(3), key_positions=torch.arange(300), query_tile=64)
+    streamed = compact(K, V, Q, 30, **kw)
+    select = HighestAttention.select
+
+    def dense_select(self, inp):
+        assert inp.targets.probs.shape == (3, 900, 300)  # built in full, then scores and fit stats come from it
+        return select(self, inp)
+
+    monkeypatch.setattr(HighestAttention, "select", dense_select)
+    dense = compact(K, V, Q, 30, **kw)
+    assert torch.equal(dense.indices, streamed.indices) and torch.equal(dense.gate, streamed.gate)
+    torch.testing.assert_close(dense.beta, streamed.beta, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dense.values, streamed.values, atol=1e-4, rtol=1e-4)
+
+
+def test_an_unknown_score_reduction_is_refused_by_name():
+    g = torch.Generator().manual_seed(16)
+    K, V, Q = (torch.randn(2, m, 8, generator=g) for m in (32, 32, 40))
+    with pytest.raises(ValueError, match="bogus"):
+        compact(K, V, Q, 8, reduction="bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        stream_targets(K, V, Q, 0.3, reductions=("sum", "bogus"))

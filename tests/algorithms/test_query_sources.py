@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from vllm_attnmatch.worker.query_sources import repeat_queries, self_study_queries
+from vllm_attnmatch.worker.query_sources import (
+    PROMPT_FAMILIES,
+    RECALL_TOKENS,
+    Prompt,
+    build_prompts,
+    repeat_queries,
+    self_study_batched,
+    self_study_queries,
+)
 
 pytestmark = pytest.mark.model
 
@@ -31,9 +39,57 @@ def test_repeat_queries_are_those_of_the_repeated_copy_after_the_context(setup):
 def test_self_study_generates_within_its_token_and_time_bounds(setup):
     model, tok, ids, cache = setup
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("\nSummarize the text.\n", "\nKey facts:\n")]
-    made = self_study_queries(model, cache, len(ids), prompts, max_new_tokens=6, max_seconds=60)
+    made = self_study_queries(model, cache, len(ids), prompts, max_new_tokens=6, max_seconds=3600)
     assert made.tokens == sum(len(p) for p in prompts) + 2 * 6
     assert made.queries[0].shape == (made.tokens, model.num_heads, model.head_dim)
     assert made.positions.min() == len(ids) and len(made.info["answers"]) == 2
     bounded = self_study_queries(model, cache, len(ids), prompts, max_new_tokens=1000, max_seconds=0.5)
     assert bounded.tokens < sum(len(p) for p in prompts) + 2 * 1000
+
+
+def test_batched_self_study_gives_the_unbatched_queries_and_answers(setup):
+    """All prompts decoded as one batch (left-padded, preallocated cache): same greedy answers, same
+    queries in the same order as one prompt at a time."""
+    model, tok, ids, cache = setup
+    texts = ("\nSummarize the text.\n", "\nWrite three questions that the text above answers.\n", "\nFacts:\n")
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in texts]
+    assert len({len(p) for p in prompts}) > 1  # padding is exercised
+    one = self_study_queries(model, cache, len(ids), prompts, max_new_tokens=5, max_seconds=3600)
+    batched = self_study_batched(model, cache, [Prompt(tuple(p), len(ids)) for p in prompts], 5, 3600)
+    assert batched.info["answers"] == one.info["answers"]
+    assert torch.equal(batched.positions, one.positions) and batched.tokens == one.tokens
+    for layer in range(model.num_layers):
+        torch.testing.assert_close(batched.queries[layer], one.queries[layer], atol=2e-4, rtol=1e-4)
+    assert len(cache[0]) == len(ids)  # the shared context cache is not modified
+
+
+def test_batched_self_study_respects_its_time_bound(setup):
+    model, tok, ids, cache = setup
+    prompts = [Prompt(tuple(tok("\nSummarize.\n", add_special_tokens=False)["input_ids"]), len(ids))]
+    bounded = self_study_batched(model, cache, prompts, max_new_tokens=1000, max_seconds=0.5)
+    # Stops well before 1000 tokens (on a loaded machine possibly right after the prompt step).
+    assert len(bounded.info["answers"][0]) < 1000 and bounded.tokens == len(prompts[0].ids) + len(bounded.info["answers"][0])
+
+
+def test_continue_family_continues_the_text_itself(setup):
+    """The ``continue`` row re-feeds the context's last token (its cached copy hidden) and goes on: its
+    queries are those of one causal prefill of context + answer; recall rows restart inside the text."""
+    model, tok, ids, cache = setup
+    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = build_prompts("continue", encode, ids)
+    assert prompts[0] == Prompt((ids[-1],), len(ids) - 1, hide=1)
+    assert all(p.start == len(ids) and set(ids) >= set(p.ids[-RECALL_TOKENS:]) for p in prompts[1:])
+    made = self_study_batched(model, cache, prompts, max_new_tokens=6, max_seconds=3600)
+    row, _, _ = made.info["rows"][0]
+    _, _, whole = model.prefill(ids + row[1:])
+    for layer in (0, 29):
+        torch.testing.assert_close(made.queries[layer][: len(row)], whole[layer][len(ids) - 1 :], atol=2e-4, rtol=1e-4)
+    assert set(PROMPT_FAMILIES) >= {"tasks", "continue", "mixed"}
+
+
+def test_prompt_families_are_exactly_the_server_setting_choices():
+    from typing import get_args
+
+    from vllm_attnmatch.config import ServerConfig
+
+    assert set(get_args(ServerConfig.model_fields["self_study_prompts"].annotation)) == set(PROMPT_FAMILIES)

@@ -4,6 +4,10 @@ Three servers start together (startup dominates on 2 cores): ``plugin_server`` w
 ``stock_server`` with the plugin installed but no ``attnmatch`` section, which must behave exactly like
 stock vLLM, and ``tiny_pool_server`` (plugin on, a 12-block KV pool) where eviction and preemption
 happen. All use identical engine flags, so their greedy tokens are comparable.
+
+They are launched the ways a user may launch them: ``plugin_server`` with the documented command line
+(``vllm-attnmatch serve MODEL --attnmatch default``, the console script), ``tiny_pool_server`` with the
+equivalent ``--additional-config '{"attnmatch": ...}'`` form through vLLM's server module.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ TEXT_PATH = Path("/usr/share/common-licenses/GPL-3")
 
 
 PLUGIN_CONFIG = {"attnmatch": {"preset": "default"}}
+# `--attnmatch default`: the bare preset name, exactly as the README writes it.
+PLUGIN_FLAG = {"attnmatch": "default"}
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +36,8 @@ def model_dir() -> Path:
 def _servers(model_dir):
     servers = {
         "plugin": Server(
-            "plugin", model_dir, PLUGIN_CONFIG, ["--enforce-eager"], {"VLLM_ATTNMATCH_FAULT_INJECTION": "1"}
+            "plugin", model_dir, PLUGIN_FLAG, ["--enforce-eager"], {"VLLM_ATTNMATCH_FAULT_INJECTION": "1"},
+            console_script=True,
         ),
         "stock": Server("stock", model_dir, None, ["--enforce-eager"]),
         # A pool of 12 blocks (11 usable, 1408 token slots) and 512-token prefill chunks: eviction,
@@ -38,7 +45,7 @@ def _servers(model_dir):
         "tiny": Server(
             "tiny", model_dir, PLUGIN_CONFIG,
             ["--enforce-eager", "--num-gpu-blocks-override", "12", "--max-num-batched-tokens", "512"],
-            max_model_len=1408,
+            max_model_len=1408, config_via="additional-config",
         ),
     }
     yield servers

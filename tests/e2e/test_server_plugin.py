@@ -110,7 +110,7 @@ def test_server_keeps_serving_after_bad_requests(plugin_server):
     [({"ratio": 7}, "attnmatch.ratio"), ({"methd": "omp"}, "attnmatch.methd"), ({"preset": "turbo"}, "attnmatch.preset")],
 )
 def test_bad_additional_config_refuses_to_start_with_one_clear_message(model_dir, section, key):
-    server = Server("badconfig", model_dir, {"attnmatch": section}, ["--enforce-eager"])
+    server = Server("badconfig", model_dir, {"attnmatch": section}, ["--enforce-eager"], config_via="additional-config")
     try:
         assert server.proc.wait(timeout=300) != 0
     finally:

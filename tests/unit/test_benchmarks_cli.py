@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import answers, cli, fidelity, memory, output, scoring, speed, update_readme
+from benchmarks import answers, cli, corpus, fidelity, memory, output, scoring, sets, speed, texts, update_readme
 from benchmarks.stamp import describe, stamp
 
 
@@ -62,7 +62,9 @@ def test_run_arguments_take_quick_sizes_and_overrides():
     cfg = cli.config_for("fidelity", args)
     assert cfg.ratios == [0.3, 0.05] and cfg.texts == fidelity.QUICK["texts"] and cfg.doc_tokens == fidelity.QUICK["doc_tokens"]
     full = cli.config_for("fidelity", cli.build_parser().parse_args(["run", "--suite", "all"]))
-    assert full.ratios == [0.5, 0.2, 0.1, 0.05, 0.02] and "summary_am" in full.methods
+    assert full.ratios == [0.2, 0.1, 0.05, 0.02] and "summary_am" in full.methods and "tova" in full.methods
+    assert set(full.texts) == set(corpus.DEV + corpus.TEST) and "paper" in full.presets  # the corpus, both sets
+    assert cfg.presets == []  # --quick starts no preset servers
     assert cli.config_for("speed", cli.build_parser().parse_args(["run", "--suite", "speed"])).lengths[-1] + 64 <= 8192
 
 
@@ -169,3 +171,74 @@ def test_every_study_named_on_the_command_line_exists():
     for suite in cli.SUITES:
         module = cli.suite_module(suite)
         assert hasattr(module, "Config") and hasattr(module, "QUICK") and hasattr(module, "markdown")
+
+
+def test_corpus_split_is_written_out_disjoint_and_follows_its_rule():
+    assert (corpus.DEV, corpus.TEST) == corpus._split()  # the written split is the documented rule
+    assert not set(corpus.DEV) & set(corpus.TEST) and len(corpus.DEV + corpus.TEST) >= 10
+    assert set(corpus.TUNED_BEFORE) <= set(corpus.DEV)  # texts tuned on before the split are spent
+    kinds = {s: {corpus.get(n).kind for n in names} for s, names in corpus.SETS.items()}
+    assert kinds["dev"] == kinds["test"] == set(corpus.KINDS) and len(corpus.KINDS) >= 5
+    assert texts.expand(["test", "GPL-3", "MPL-2.0"]) == list(corpus.TEST) + ["GPL-3"]
+
+
+def test_corpus_texts_load_and_a_missing_or_changed_file_fails_naming_the_text(tmp_path):
+    for name in ("GPL-3", "sed-FAQ", "py-json-decoder", "bash-NEWS"):  # plain, gzip + from_line, stdlib, gzip
+        assert len(texts.read(name)) > 4000
+    assert texts.read("sed-FAQ").startswith("2. BASIC SED")
+    missing = corpus.Text("gone", "prose", tmp_path / "nope.gz", "0" * 64)
+    with pytest.raises(FileNotFoundError, match="'gone'"):
+        missing.read()
+    (tmp_path / "x.txt").write_text("other text")
+    with pytest.raises(ValueError, match="'changed'.*differs"):
+        corpus.Text("changed", "prose", tmp_path / "x.txt", "0" * 64).read()
+    with pytest.raises(ValueError, match="dev, test or all"):
+        corpus.names("train")
+
+
+def _set_rows():
+    """KL per text: AM 0.1 everywhere except one bad TEST text; h2o 0.2; snapkv 0.15 on TEST, 0.3 on DEV."""
+    rows = []
+    for text in ("MPL-2.0", "sed-FAQ", "GPL-3", "xz-FAQ"):
+        test = text in corpus.TEST
+        rows += [{"text": text, "method": "highest_attention", "ratio": 0.1, "kl": 0.4 if text == "sed-FAQ" else 0.1},
+                 {"text": text, "method": "h2o", "ratio": 0.1, "kl": 0.2},
+                 {"text": text, "method": "snapkv", "ratio": 0.1, "kl": 0.15 if test else 0.3}]
+    return rows
+
+
+def test_set_summaries_report_test_means_with_spread_and_dev_beside():
+    summary = sets.per_set(_set_rows())
+    am_test = summary["test"][("highest_attention", 0.1)]
+    assert am_test["n"] == 2 and am_test["mean"] == pytest.approx(0.25) and (am_test["min"], am_test["max"]) == (0.1, 0.4)
+    assert am_test["ci"][0] >= 0.1 and am_test["ci"][1] <= 0.4
+    assert summary["dev"][("highest_attention", 0.1)]["mean"] == pytest.approx(0.1)
+    assert sets.best_baseline(summary["test"], 0.1) == ("snapkv", 0.15)
+    assert sets.best_baseline(summary["dev"], 0.1) == ("h2o", 0.2)
+    md = "\n".join(sets.lines(_set_rows()))
+    assert md.index("TEST set") < md.index("DEV set")  # the reported set first
+    assert "0.250 [0.100–0.400]" in md and "+66.7 % vs snapkv" in md and "-50.0 % vs h2o" in md
+    assert sets.bootstrap([1.0, 1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_fidelity_answers_stand_on_the_test_set_when_the_run_has_one():
+    result = _fidelity_result()
+    result["cells"] = [dict(c, text="MPL-2.0" if c["text"] == "GPL-3" else c["text"]) for c in result["cells"]]
+    for c in result["cells"]:
+        if c["text"] == "Apache-2.0":
+            c["kl"] = 1.0  # a DEV text that must not enter the answers
+    ans = answers.fidelity(result)
+    assert ans["scope"] == "test" and ans["texts"] == ["MPL-2.0"]
+    assert ans["versus"]["snapkv"]["cells"][0]["kl_am"] == pytest.approx(0.008)
+    md = fidelity.markdown(result)
+    assert "TEST-set texts (never tuned on): MPL-2.0" in md and "DEV set" in md
+
+
+def test_offline_merge_keeps_only_texts_measured_with_every_cell():
+    from benchmarks import offline
+
+    rows = [{"text": t, "source": "context", "method": m, "ratio": r}
+            for t in ("GPL-3", "MPL-2.0") for m in ("h2o", "omp") for r in (0.1, 0.05)]
+    rows = [r for r in rows if not (r["text"] == "MPL-2.0" and r["method"] == "omp" and r["ratio"] == 0.05)]
+    kept, dropped = offline.complete_texts(rows)
+    assert dropped == ["MPL-2.0"] and {r["text"] for r in kept} == {"GPL-3"} and len(kept) == 4

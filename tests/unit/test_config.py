@@ -14,12 +14,14 @@ from vllm_attnmatch.config import (
     parse_server_config,
     server_config_from,
 )
+from vllm_attnmatch.option_check import check_algorithm_options
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_bundled_preset_is_valid(preset):
     config = parse_server_config({"preset": preset})
     assert isinstance(config, ServerConfig)
+    check_algorithm_options(config)  # its algorithm options pass the start-up dry run of every method
 
 
 def test_inline_keys_override_the_preset():
@@ -48,6 +50,53 @@ def test_bad_server_settings_name_the_key(section, key):
     with pytest.raises(ConfigError) as err:
         parse_server_config(section)
     assert err.value.key == key
+
+
+@pytest.mark.parametrize(
+    "algorithm, key, method",
+    [
+        # The example config.py used to give: an option no method has; every compaction would fail.
+        ({"score": "rms"}, "attnmatch.algorithm.score", "highest_attention"),
+        # highest_attention's own option as a plain key: fine for the server's method, fatal for a request
+        # that picks omp with am_method. Every method is checked, not only the server's default.
+        ({"reduction": "rms"}, "attnmatch.algorithm.reduction", "omp"),
+        # A value every method accepts by name but no compaction survives.
+        ({"max_queries": "all"}, "attnmatch.algorithm.max_queries", "highest_attention"),
+        # A typo inside a method's own section names the section.
+        ({"snapkv": {"windw": 64}}, "attnmatch.algorithm.snapkv.windw", "snapkv"),
+    ],
+)
+def test_algorithm_options_that_fail_a_compaction_stop_start_up_naming_option_and_method(algorithm, key, method):
+    config = parse_server_config({"algorithm": algorithm})  # the shape is fine: only the dry run can tell
+    with pytest.raises(ConfigError) as err:
+        check_algorithm_options(config)
+    assert err.value.key == key
+    assert repr(method) in str(err.value) and "am_method" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "algorithm, key",
+    [
+        ({"bias": 0.0}, "attnmatch.algorithm.bias"),  # set by the engine on every call
+        ({"omp": {"scale": 2.0}}, "attnmatch.algorithm.omp.scale"),
+        ({"kmeans": {"k": 3}}, "attnmatch.algorithm.kmeans"),  # a section for a method that does not exist
+        ({"omp": 3}, "attnmatch.algorithm.omp"),  # a method's section must be a mapping
+    ],
+)
+def test_misplaced_algorithm_options_are_refused_when_parsed(algorithm, key):
+    with pytest.raises(ConfigError) as err:
+        parse_server_config({"algorithm": algorithm})
+    assert err.value.key == key
+
+
+def test_method_sections_reach_only_their_method_and_pass_the_start_up_check():
+    config = parse_server_config(
+        {"algorithm": {"max_queries": 512, "highest_attention": {"reduction": "rms"}, "snapkv": {"window": 8}}}
+    )
+    check_algorithm_options(config)
+    assert config.algorithm_options("highest_attention") == {"max_queries": 512, "reduction": "rms"}
+    assert config.algorithm_options("snapkv") == {"max_queries": 512, "window": 8}
+    assert config.algorithm_options("omp") == {"max_queries": 512}
 
 
 def test_plugin_is_off_without_its_section():

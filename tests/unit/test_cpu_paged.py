@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from vllm_attnmatch.attention.cpu_paged import attention_with_bias, gather_bias, gather_kv, write_bias
+from vllm_attnmatch.attention.cpu_paged import (
+    attention_with_bias,
+    gather_bias,
+    gather_kv,
+    probe_layout,
+    vec_layout,
+    write_bias,
+)
 
 
 def _write_with_vllm_op(kv_cache, keys, values, slots):
@@ -69,3 +76,77 @@ def test_beta_log2_on_a_key_equals_duplicating_it():
     dup_v = torch.cat([values[:, :5], values[:, 4:5], values[:, 5:]], 1)
     torch.testing.assert_close(attention_with_bias(query, keys, values, bias, 0.3),
                                attention_with_bias(query, dup_k, dup_v, torch.zeros(3, 11), 0.3))
+
+
+# -- packings learned from the cache op -------------------------------------------------------------------
+
+
+def _vllm_writer(isa):
+    ops = pytest.importorskip("vllm._custom_ops")
+
+    def write(keys, values, cache):
+        num_blocks, heads, block_size, _ = cache.shape
+        key_cache, value_cache = cache.view(num_blocks, heads, 2 * block_size, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, torch.arange(keys.shape[0]), isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+    return write
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probing_vllms_vec_op_finds_the_documented_vec_packing(dtype):
+    for block_size, head_dim in ((128, 64), (32, 128)):
+        probed = probe_layout(_vllm_writer("vec"), block_size, head_dim, dtype)
+        expected = vec_layout(block_size, head_dim)
+        assert torch.equal(probed.key_index, expected.key_index)
+        assert torch.equal(probed.value_index, expected.value_index)
+
+
+@pytest.mark.parametrize("isa, head_dim", [("vec", 64), ("vec16", 80), ("amx", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gather_through_a_probed_packing_reads_back_what_vllm_wrote(isa, head_dim, dtype):
+    """``amx`` (bf16 on CPUs with AMX tiles) packs K differently from ``vec``; vLLM's writer for it runs on any
+    x86 CPU, so its packing is checked here even though this machine's attention never picks it."""
+    torch.manual_seed(3)
+    heads, block_size, length = 3, 32, 75
+    layout = probe_layout(_vllm_writer(isa), block_size, head_dim, dtype)
+    kv_cache = torch.zeros(6, heads, block_size, 2 * head_dim, dtype=dtype)
+    blocks = torch.tensor([4, 1, 5])
+    keys, values = torch.randn(length, heads, head_dim).to(dtype), torch.randn(length, heads, head_dim).to(dtype)
+    pos = torch.arange(length)
+    slots = blocks[pos // block_size] * block_size + pos % block_size
+    ops = pytest.importorskip("vllm._custom_ops")
+    key_cache, value_cache = kv_cache.view(6, heads, 2 * block_size, -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa,
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    got_k, got_v = gather_kv(kv_cache, blocks, length, layout)
+    assert torch.equal(got_k, keys.transpose(0, 1)) and torch.equal(got_v, values.transpose(0, 1))
+    if isa == "amx" and dtype == torch.bfloat16:
+        assert not torch.equal(layout.key_index, vec_layout(block_size, head_dim).key_index)
+
+
+def test_probe_learns_any_one_to_one_packing_and_refuses_others():
+    block_size, head_dim = 32, 16
+
+    def transposed_values(keys, values, cache):  # K row-major, V transposed: the opposite of vec
+        flat = cache.view(-1)
+        n = keys.shape[0]
+        flat[: n * head_dim] = keys[:, 0].reshape(-1)
+        flat[block_size * head_dim :] = values[:, 0].T.reshape(-1)
+
+    layout = probe_layout(transposed_values, block_size, head_dim, torch.bfloat16)
+    t, j = 5, 7
+    assert int(layout.key_index[t, j]) == t * head_dim + j
+    assert int(layout.value_index[t, j]) == block_size * head_dim + j * block_size + t
+
+    def keys_only(keys, values, cache):
+        cache.view(-1)[: block_size * head_dim] = keys[:, 0].reshape(-1)
+
+    with pytest.raises(ValueError, match="unwritten"):
+        probe_layout(keys_only, block_size, head_dim, torch.float32)
+
+    def first_token_everywhere(keys, values, cache):  # every slot holds token 0: not a placement
+        cache.view(-1)[:] = keys[0, 0].repeat(2 * block_size)
+
+    with pytest.raises(ValueError, match="one-to-one"):
+        probe_layout(first_token_everywhere, block_size, head_dim, torch.float32)

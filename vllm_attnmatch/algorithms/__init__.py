@@ -4,7 +4,7 @@ budgets, eviction baselines and a reference model forward. Pure torch; must neve
 Entry point: :func:`compact` (method names in :data:`METHODS`), budgets: :func:`budget`.
 """
 
-from . import h2o, highest_attention, omp, random_subset, snapkv, streaming, truncate  # noqa: F401  (register)
+from . import h2o, highest_attention, omp, random_subset, snapkv, streaming, tova, truncate  # noqa: F401  (register)
 from .base import REGISTRY, CompactionInputs, CompactionResult, Method, compact
 from .budgets import budget, global_head_budgets, head_budgets, load_head_shares, save_head_shares
 from .chunked import compact_chunked
@@ -13,8 +13,8 @@ from .nonuniform import PAD_BETA, compact_per_head, head_scores
 from .on_policy import compact_model_on_policy
 from .queries import group_queries
 
-METHODS = ("highest_attention", "omp", "snapkv", "h2o", "streaming", "truncate", "random")
-BASELINES = ("snapkv", "h2o", "streaming", "truncate", "random")
+METHODS = ("highest_attention", "omp", "snapkv", "h2o", "tova", "streaming", "truncate", "random")
+BASELINES = ("snapkv", "h2o", "tova", "streaming", "truncate", "random")
 AM_METHODS = ("highest_attention", "omp")
 DEFAULT_METHOD = "highest_attention"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CompactionResult, compact
+from .base import CompactionResult, compact, sum_timings
 
 
 def compact_chunked(keys, values, queries, target: int, chunk_tokens: int, method: str = "highest_attention",
@@ -47,4 +47,4 @@ def compact_chunked(keys, values, queries, target: int, chunk_tokens: int, metho
         torch.cat([p.keys for p in parts], 1), torch.cat([p.beta for p in parts], 1),
         torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1), method=method,
         fit_error=float(torch.tensor(errs).nanmean()) if errs else float("nan"),
-        seconds=sum(p.seconds for p in parts), info={"chunks": len(parts)})
+        seconds=sum(p.seconds for p in parts), info={"chunks": len(parts)}, timings=sum_timings(parts))

@@ -5,6 +5,10 @@ and worse than plain eviction on the continuation. So every degree of freedom is
 did not see: the ridge on β (towards β = 0), the ridge on values (towards ``V[idx]``), and finally a
 per-head gate that falls back to the plain kept entries (β = old bias, original values) when the fitted
 block does not beat them on held-out attention error. Everything is batched over heads.
+
+Cost: the fit only sees its own rows (queries at or after the ``fit_from`` quantile of positions, whose
+targets the streamed pass kept), the Gram matrices use the training rows and every error the held-out
+rows; each of the β and value fits factorises once for all its ridge strengths.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .nnls import nnls_normal
+from .nnls import matvec, nnls_normal
 from .values import DEFAULT_ALPHAS, relative_output_error, ridge_path
 
 INF = float("inf")
@@ -92,6 +96,19 @@ def heldout_split(n: int, fraction: float, generator: torch.Generator | None, de
     return held.to(device)
 
 
+@dataclass
+class FitTargets:
+    """What the fit needs on its own rows (``m`` queries): the kept keys' logits ``s_k (H,m,t)`` (old bias
+    included, ``-inf`` where not visible), and the full block's ``rowmax``, ``log_mass``, ``valid`` ``(H,m)``
+    and block-normalised ``output (H,m,d)``."""
+
+    s_k: torch.Tensor
+    rowmax: torch.Tensor
+    log_mass: torch.Tensor
+    output: torch.Tensor
+    valid: torch.Tensor
+
+
 def _softmax_rows(s: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis that maps all ``-inf`` rows to zeros instead of NaN."""
     m = s.amax(-1, keepdim=True)
@@ -102,20 +119,22 @@ def _softmax_rows(s: torch.Tensor) -> torch.Tensor:
 
 def _mass_error(A: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Per head RMS of ``log(Ẑ/Z)`` over ``rows``; ``A`` is the relative mass design (target 1)."""
-    ratio = torch.bmm(A, w.unsqueeze(-1)).squeeze(-1).clamp_min(1e-6)
+    ratio = matvec(A, w).clamp_min(1e-6)
     err = torch.log(ratio).pow(2) * rows
     return torch.sqrt(err.sum(-1) / rows.sum(-1).clamp_min(1))
 
 
-def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, cfg: FitConfig,
-              heldout: torch.Tensor, used: torch.Tensor | None = None) -> FitResult:
-    """β and values for kept keys ``idx (H,t)`` given full-block ``targets`` (see :mod:`.targets`)."""
-    H, n, T = targets.logits.shape
-    t = idx.shape[1]
-    s_k = torch.gather(targets.logits, 2, idx.unsqueeze(1).expand(H, n, t))  # includes old bias
+def fit_block(targets: FitTargets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None,
+              cfg: FitConfig, heldout: torch.Tensor, clock=None) -> FitResult:
+    """β and values for kept keys ``idx (H,t)`` given the fit rows' targets; ``heldout (m,)`` bool.
+
+    ``clock`` (optional, ``mark(name)``) records the time of the β fit and of the value fit.
+    """
+    s_k = targets.s_k
+    H, n, t = s_k.shape
     bias_k = torch.gather(bias.float(), 1, idx) if bias is not None else torch.zeros(H, t, device=idx.device)
     V0 = torch.gather(values.float(), 1, idx.unsqueeze(-1).expand(H, t, values.shape[-1]))
-    valid = targets.valid if used is None else targets.valid & used.unsqueeze(0)
+    valid = targets.valid
     train = valid & ~heldout.unsqueeze(0)
     held = valid & heldout.unsqueeze(0)
     if not heldout.any():
@@ -123,52 +142,63 @@ def fit_block(targets, values: torch.Tensor, idx: torch.Tensor, bias: torch.Tens
     # Relative mass design: row q divided by its own target Z(q) so every query counts alike.
     safe_max = torch.where(valid, targets.rowmax, torch.zeros_like(targets.rowmax))
     z_scaled = torch.exp(targets.log_mass - safe_max).where(valid, torch.ones_like(safe_max))
-    A = torch.exp(s_k - safe_max.unsqueeze(-1)) / z_scaled.unsqueeze(-1)
-    A = A * valid.unsqueeze(-1)
+    A = torch.exp(s_k - safe_max.unsqueeze(-1)).div_(z_scaled.unsqueeze(-1))
+    A.mul_(valid.unsqueeze(-1))
     ones_w = torch.ones(H, t, device=idx.device)
     lo, hi = math.exp(cfg.beta_bounds[0]), math.exp(cfg.beta_bounds[1])
+    # The held-out rows are few: every error below is measured on them only.
+    held_rows = heldout.nonzero().squeeze(-1) if heldout.any() else torch.arange(n, device=idx.device)
+    held_h = held[:, held_rows]
+    train_rows = train.any(0).nonzero().squeeze(-1)
+    train_t = train[:, train_rows]
+    A_h, s_h, out_h = A[:, held_rows], s_k[:, held_rows], targets.output[:, held_rows]
 
-    def design(w):
-        return _softmax_rows(s_k + torch.log(w).unsqueeze(1))
+    def design(s, w):
+        return _softmax_rows(s + torch.log(w).unsqueeze(1))
 
-    def out_err(X, C2, rows):
-        return relative_output_error(torch.bmm(X, C2), targets.output, rows)
+    def out_err(X, C2):
+        return relative_output_error(torch.bmm(X, C2), out_h, held_h)
 
-    X1 = design(ones_w)
-    plain_mass = _mass_error(A, ones_w, held)
-    plain_out = out_err(X1, V0, held)
+    X1_h = design(s_h, ones_w)
+    plain_mass = _mass_error(A_h, ones_w, held_h)
+    plain_out = out_err(X1_h, V0)
     info: dict = {}
 
     # --- β: bounded NNLS on train rows, ridge towards w = 1 chosen on held-out mass error.
     w = ones_w
     if cfg.fit_beta:
-        At = A * train.unsqueeze(-1)
+        At = A[:, train_rows] * train_t.unsqueeze(-1)
         finite = [mu for mu in cfg.beta_ridges if mu != INF]
-        cands = list(_nnls_ridge_path(At, train, lo, hi, finite, cfg.nnls_iters, cfg.nnls_warm_start)) if finite else []
+        cands = list(_nnls_ridge_path(At, train_t, lo, hi, finite, cfg.nnls_iters, cfg.nnls_warm_start)) if finite else []
         cands += [ones_w for mu in cfg.beta_ridges if mu == INF]
         order = finite + [mu for mu in cfg.beta_ridges if mu == INF]
-        errs_t = torch.stack([_mass_error(A, w_mu, held) for w_mu in cands])  # (M,H)
+        errs_t = torch.stack([_mass_error(A_h, w_mu, held_h) for w_mu in cands])  # (M,H)
         best = errs_t.argmin(0)
         w = torch.stack(cands)[best, torch.arange(H, device=best.device)]
         info["beta_ridge"] = [order[i] for i in best.tolist()]
+    if clock is not None:
+        clock.mark("beta")
 
     # --- values: ridge towards V[idx] on train rows, α chosen on held-out output error.
     C2 = V0
-    X = design(w) if cfg.fit_beta else X1
+    X_h = design(s_h, w) if cfg.fit_beta else X1_h
     if cfg.fit_values:
-        tw = train.unsqueeze(-1).float()
-        path = ridge_path(X * tw, targets.output * tw, V0, cfg.value_alphas)
+        tw = train_t.unsqueeze(-1).float()
+        X_t = design(s_k[:, train_rows], w)
+        path = ridge_path(X_t * tw, targets.output[:, train_rows] * tw, V0, cfg.value_alphas)
         vmax = values.float().abs().amax(dim=(1, 2)).clamp_min(1e-6)[:, None, None] * cfg.value_clip
         path = [torch.maximum(torch.minimum(p, vmax), -vmax) for p in path]
-        errs = torch.stack([relative_output_error(torch.bmm(X, p), targets.output, held) for p in path])
+        errs = torch.stack([out_err(X_h, p) for p in path])
         best = errs.argmin(0)
         C2 = torch.stack(path)[best, torch.arange(H, device=best.device)]
         info["value_alpha"] = [cfg.value_alphas[i] for i in best.tolist()]
+    if clock is not None:
+        clock.mark("values")
 
     # --- gate: plain (0), β only (1), β + values (2); lowest held-out combined error wins per head.
     options = [(ones_w, V0), (w, V0), (w, C2)]
-    outs = torch.stack([out_err(Xi, ci, held) for Xi, (wi, ci) in zip((X1, X, X), options)])
-    masses = torch.stack([_mass_error(A, wi, held) for wi, _ in options])
+    outs = torch.stack([out_err(Xi, ci) for Xi, (wi, ci) in zip((X1_h, X_h, X_h), options)])
+    masses = torch.stack([_mass_error(A_h, wi, held_h) for wi, _ in options])
     score = outs + cfg.mass_weight * masses
     choice = score.argmin(0) if cfg.gate else torch.full((H,), 2, dtype=torch.long, device=idx.device)
     ar = torch.arange(H, device=idx.device)
@@ -186,20 +216,25 @@ def _nnls_ridge_path(At, rows, lo, hi, ridges, iters, warm_start=True):
     """
     H, n, t = At.shape
     G = torch.bmm(At.transpose(1, 2), At)
-    h = torch.bmm(At.transpose(1, 2), rows.float().unsqueeze(-1)).squeeze(-1)
+    h = torch.bmm(rows.float().unsqueeze(1), At).squeeze(1)  # Atᵀ·rows as a row vector (see nnls.matvec)
     scale = (torch.diagonal(G, dim1=1, dim2=2).sum(-1) / t).clamp_min(1e-30)
     mus = torch.tensor(ridges, dtype=G.dtype, device=G.device)
     lam = (mus[:, None] * scale[None, :]).reshape(-1)  # (M·H,)
     eye = torch.eye(t, dtype=G.dtype, device=G.device)
     Gs = G.repeat(len(ridges), 1, 1) + lam[:, None, None] * eye
     hs = h.repeat(len(ridges), 1) + lam[:, None]
-    # Warm start: the clamped unconstrained solution (tiny jitter keeps the factorisation defined), so a
-    # few dozen projected-gradient steps finish the box-constrained problem.
-    jitter = 1e-6 * scale.repeat(len(ridges))[:, None, None] * eye
-    L, info = torch.linalg.cholesky_ex(Gs + jitter)
-    init = torch.cholesky_solve(hs.unsqueeze(-1), L).squeeze(-1)
-    init = torch.where(torch.isfinite(init) & (info == 0)[:, None], init, torch.ones_like(init)).clamp(lo, hi)
-    if not warm_start:
-        init = torch.ones_like(hs)
+    if warm_start:
+        # Warm start: the clamped unconstrained solution (tiny jitter keeps it defined), so a few dozen
+        # projected-gradient steps finish the box-constrained problem. One eigendecomposition of AᵀA
+        # serves every ridge strength: (G + λI)⁻¹ = Q (Λ + λ)⁻¹ Qᵀ.
+        evals, evecs = torch.linalg.eigh(G.double())
+        evals = evals.clamp_min(0.0).repeat(len(ridges), 1)
+        evecs = evecs.repeat(len(ridges), 1, 1)
+        denom = evals + (lam + 1e-6 * scale.repeat(len(ridges))).double()[:, None]
+        rhs = torch.bmm(hs.double().unsqueeze(1), evecs).squeeze(1) / denom  # Qᵀh as a row vector
+        init = matvec(evecs, rhs).float()
+        init = torch.where(torch.isfinite(init), init, torch.ones_like(init)).clamp(lo, hi)
+    else:
+        init = torch.ones_like(hs)  # cold start: the early-stopped path from β = 0 is the regulariser
     w = nnls_normal(Gs, hs, lo, hi, iters=iters, init=init)
     return w.reshape(len(ridges), H, t).unbind(0)

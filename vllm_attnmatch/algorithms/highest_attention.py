@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import CompactionInputs, Method, register
-from .scoring import pool_scores, protected_mask, reduce_scores, topk_indices
+from .scoring import pool_scores, protected_mask, topk_indices
 
 
 def attention_scores(inp: CompactionInputs, reduction: str, mix_mean: float = 0.0, pool: int = 0,
@@ -26,15 +26,16 @@ def attention_scores(inp: CompactionInputs, reduction: str, mix_mean: float = 0.
     ``late_fraction < 1`` scores with the queries of the last part of the context only (by position),
     whose view of the block is closest to what later tokens will see.
     """
-    probs = inp.targets.probs
     weights = None
     if late_fraction < 1.0 and inp.query_positions is not None:
-        qp = inp.query_positions.to(probs.device).float()
+        qp = inp.query_positions.float()
         cut = torch.quantile(qp, 1.0 - late_fraction)
-        weights = (qp >= cut).float().expand(probs.shape[0], -1)
-    s = reduce_scores(probs, reduction, weights)
+        weights = (qp >= cut).float().expand(inp.num_heads, -1)
+    needed = (reduction, "mean") if mix_mean > 0 and reduction != "mean" else (reduction,)
+    scores = inp.scores(needed, weights)  # streamed over query tiles unless full targets already exist
+    s = scores[reduction]
     if mix_mean > 0:
-        m = reduce_scores(probs, "mean", weights)
+        m = scores["mean"]
         s = (1 - mix_mean) * s / s.amax(-1, keepdim=True).clamp_min(1e-30) + mix_mean * m / m.amax(-1, keepdim=True).clamp_min(1e-30)
     return pool_scores(s, pool)
 

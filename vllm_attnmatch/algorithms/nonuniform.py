@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .base import CompactionResult, compact
+from .base import CompactionResult, compact, sum_timings
 from .targets import compute_targets, visibility
 
 PAD_BETA = -1.0e4
@@ -42,7 +42,7 @@ def compact_per_head(keys, values, queries, targets: Sequence[int], method: str 
         lengths[h] = n
     errs = torch.tensor([p.fit_error for p in parts])
     return CompactionResult(K, beta, V, idx, method=method, fit_error=float(errs.nanmean()), lengths=lengths,
-                            seconds=sum(p.seconds for p in parts))
+                            seconds=sum(p.seconds for p in parts), timings=sum_timings(parts))
 
 
 def head_scores(keys, queries, query_positions=None, key_positions=None, reduction: str = "rms",
@@ -50,6 +50,8 @@ def head_scores(keys, queries, query_positions=None, key_positions=None, reducti
     """``(H, T)`` key scores comparable across heads and layers (softmax mass), for global budgets."""
     from .scoring import reduce_scores
 
-    vis = visibility(query_positions, key_positions)
+    dev = keys.device
+    vis = visibility(query_positions.to(dev) if query_positions is not None else None,
+                     key_positions.to(dev) if key_positions is not None else None)
     tg = compute_targets(keys, keys, queries, scale or keys.shape[-1] ** -0.5, visible=vis)
     return reduce_scores(tg.probs, reduction)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import CompactionInputs, Method, register
-from .nnls import nnls
+from .nnls import matvec, nnls
 from .scoring import protected_mask
 
 
@@ -63,8 +63,8 @@ class OMP(Method):
             need = t - counts
             if int(need.max()) <= 0:
                 break
-            resid = y - torch.bmm(A, w_full.unsqueeze(-1)).squeeze(-1)
-            corr = torch.bmm(A.transpose(1, 2), resid.unsqueeze(-1)).squeeze(-1).masked_fill(selected, float("-inf"))
+            resid = y - matvec(A, w_full)
+            corr = torch.bmm(resid.unsqueeze(1), A).squeeze(1).masked_fill(selected, float("-inf"))  # Aᵀ·resid
             k = self.keys_per_step
             if self.progressive:
                 k = max(k, int(0.1 * int(counts.min())))

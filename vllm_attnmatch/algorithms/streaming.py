@@ -1,4 +1,10 @@
-"""StreamingLLM baseline (Xiao et al. 2023): attention sinks plus the most recent keys. No queries used."""
+"""StreamingLLM baseline — Xiao et al. 2024, "Efficient Streaming Language Models with Attention Sinks"
+(ICLR 2024, arXiv 2309.17453).
+
+What it keeps: no score at all — the first ``sinks`` keys (the attention sinks, 4 in the paper and the
+same as AM's) plus the most recent keys filling the rest of the budget. No queries used. β = 0, original
+values.
+"""
 
 from __future__ import annotations
 

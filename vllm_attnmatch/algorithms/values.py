@@ -24,18 +24,19 @@ def ridge_path(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, alphas=DEF
     R = torch.bmm(X.transpose(1, 2), Y).double()
     t = G.shape[-1]
     scale = (torch.diagonal(G, dim1=1, dim2=2).sum(-1) / t).clamp_min(1e-30)  # mean eigenvalue
+    # One factorisation for every α: (G + λI)⁻¹ = Q (Λ + λ)⁻¹ Qᵀ, and Qᵀ(R + λP) = QᵀR + λ QᵀP.
     evals, evecs = torch.linalg.eigh(G)
     evals = evals.clamp_min(0.0)
+    QtR = torch.bmm(evecs.transpose(1, 2), R)
+    QtP = torch.bmm(evecs.transpose(1, 2), prior.double())
     out = []
-    P = prior.double()
     for a in alphas:
         if a == float("inf"):
             out.append(prior.float().clone())
             continue
-        lam = (a * scale)[:, None]
-        rhs = torch.bmm(evecs.transpose(1, 2), R + lam[:, :, None] * P)
-        sol = torch.bmm(evecs, rhs / (evals + lam)[:, :, None])
-        out.append(sol.float())
+        lam = (a * scale)[:, None, None]
+        rhs = (QtR + lam * QtP) / (evals[:, :, None] + lam)
+        out.append(torch.bmm(evecs, rhs).float())
     return out
 
 

@@ -7,12 +7,36 @@ compacted requests are recomputed in torch with β added (see :mod:`cpu_paged`).
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from vllm_attnmatch.attention.common import AttnMatchBackendMixin, AttnMatchImplMixin
-from vllm_attnmatch.attention.cpu_paged import SUPPORTED_ISAS, paged_attention_with_bias
+from vllm_attnmatch.attention.cpu_paged import KVLayout, paged_attention_with_bias, probe_layout
 
 BACKEND_PATH = "vllm_attnmatch.attention.cpu_backend.AttnMatchCPUAttentionBackend"
+
+
+@functools.lru_cache(maxsize=None)
+def kv_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> KVLayout:
+    """The packing vLLM's cache op uses for ``isa`` (learned once per process by probing the op itself).
+    Raises if the op refuses the combination or its packing is not a one-to-one placement."""
+    from vllm import _custom_ops as ops
+
+    def write(keys, values, cache):
+        num_blocks, num_heads, size, _ = cache.shape
+        key_cache, value_cache = cache.view(num_blocks, num_heads, 2 * size, -1).chunk(2, dim=2)
+        slots = torch.arange(keys.shape[0], dtype=torch.long)
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+    return probe_layout(write, block_size, head_dim, dtype)
+
+
+def layer_kv_layout(layer, kv_cache: torch.Tensor) -> KVLayout:
+    """:func:`kv_layout` of an attention layer's cache (``[blocks, H_kv, block_size, 2d]``)."""
+    return kv_layout(layer.isa, kv_cache.dtype, int(kv_cache.shape[2]), int(kv_cache.shape[3]) // 2)
 
 
 class AttnMatchCPUAttentionBackend(AttnMatchBackendMixin, CPUAttentionBackend):
@@ -23,8 +47,7 @@ class AttnMatchCPUAttentionBackend(AttnMatchBackendMixin, CPUAttentionBackend):
 
 class AttnMatchCPUAttentionImpl(AttnMatchImplMixin, CPUAttentionBackendImpl):
     def attend_biased_rows(self, ctx, layer, query, kv_cache, attn_metadata, output) -> None:
-        if layer.isa not in SUPPORTED_ISAS:
-            raise RuntimeError(f"vllm-attnmatch: CPU KV layout of ISA {layer.isa!r} is not supported")
+        layout = layer_kv_layout(layer, kv_cache)
         bias = ctx.bias[layer.layer_name]
         starts = attn_metadata.query_start_loc.tolist()
         seq_lens = attn_metadata.seq_lens.tolist()
@@ -33,6 +56,6 @@ class AttnMatchCPUAttentionImpl(AttnMatchImplMixin, CPUAttentionBackendImpl):
             if end == start:
                 continue
             out = paged_attention_with_bias(
-                query[start:end], kv_cache, bias, attn_metadata.block_table[row], seq_lens[row], self.scale
+                query[start:end], kv_cache, bias, attn_metadata.block_table[row], seq_lens[row], self.scale, layout
             )
             output[start:end] = out.reshape(output[start:end].shape).to(output.dtype)

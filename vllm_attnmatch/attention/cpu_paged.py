@@ -1,37 +1,113 @@
 """Torch reads of vLLM's CPU paged KV cache, and attention over it with a per-slot bias β.
 
-Layout (vLLM 0.32 CPU_ATTN, ISA ``vec``/``vec16``, verified against the C++ kernel): a layer's cache is
-``[num_blocks, H_kv, block_size, 2*d]``; viewed as ``[num_blocks, H_kv, 2*block_size, d]`` the first
-``block_size`` rows of a (block, head) hold K *transposed* (``d × block_size``) and the next
-``block_size`` rows hold V row-major. β lives in a side tensor ``[num_blocks, H_kv, block_size]``.
+Layout (vLLM 0.32 CPU_ATTN): a layer's cache is ``[num_blocks, H_kv, block_size, 2*d]``; viewed as
+``[num_blocks, H_kv, 2*block_size, d]`` the first ``block_size`` rows of a (block, head) hold its K and the
+next ``block_size`` rows its V, each packed in a way that depends on the ISA vLLM picked for the dtype and
+CPU: ``vec``/``vec16`` store K *transposed* (``d × block_size``) and V row-major; ``amx`` (bf16 on CPUs
+with AMX) interleaves pairs for its tile instructions; ``neon`` (ARM) has its own. Rather than copy each
+packing, :func:`probe_layout` learns one by writing probe values through vLLM's own cache op and reading
+where they landed: a :class:`KVLayout` is the resulting map (checked to be a one-to-one placement).
+β lives in a side tensor ``[num_blocks, H_kv, block_size]`` whatever the packing.
 
 Why torch: the stock C++ kernel has no per-slot bias. This path runs only for compacted requests; the
-others keep the stock kernel. No vLLM import.
+others keep the stock kernel. No vLLM import (the cache op is passed in).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-SUPPORTED_ISAS = ("vec", "vec16")
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where token ``t``, dimension ``j`` of one (block, head) lives in its flat ``2·block_size·d``
+    storage: ``key_index[t, j]`` for K, ``value_index[t, j]`` for V (both ``(block_size, d)`` long)."""
+
+    key_index: torch.Tensor
+    value_index: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return int(self.key_index.shape[0])
 
 
-def _blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def vec_layout(block_size: int, head_dim: int) -> KVLayout:
+    """The ``vec``/``vec16`` packing: K transposed, then V row-major."""
+    t = torch.arange(block_size)[:, None]
+    j = torch.arange(head_dim)[None, :]
+    return KVLayout(key_index=j * block_size + t, value_index=block_size * head_dim + t * head_dim + j)
+
+
+#: Writes ``keys``/``values`` ``(n, H_kv=1, d)`` into slots ``0..n-1`` of a one-block, one-head cache
+#: ``[1, 1, block_size, 2d]`` in the cache's own packing (vLLM's ``cpu_attn_reshape_and_cache``).
+CacheWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+_DIGIT_BITS = 4  # probe values 1..16: exact in fp32, fp16 and bf16
+
+
+def probe_layout(write: CacheWrite, block_size: int, head_dim: int, dtype: torch.dtype) -> KVLayout:
+    """Learn the packing ``write`` uses: write K = V = one base-16 digit of the token index (then of the
+    dimension index) and read back where each digit landed. Raises ``ValueError`` if the result is not a
+    one-to-one placement of every (token, dim) of K and of V."""
+    cache = torch.zeros(1, 1, block_size, 2 * head_dim, dtype=dtype)
+    flat = cache.view(-1)
+
+    def decode(count: int, index_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(flat.numel(), dtype=torch.long)
+        shift = 0
+        while (1 << shift) < count:
+            t = torch.arange(block_size)[:, None].expand(block_size, head_dim)
+            j = torch.arange(head_dim)[None, :].expand(block_size, head_dim)
+            probe = ((index_of(t, j) >> shift) & ((1 << _DIGIT_BITS) - 1)) + 1
+            probe = probe.to(dtype)[:, None, :].contiguous()
+            cache.zero_()
+            write(probe, probe, cache)
+            digit = flat.float().round().long() - 1
+            if ((digit < 0) | (digit >= (1 << _DIGIT_BITS))).any():
+                raise ValueError("the cache op left slots unwritten or changed the probe values")
+            out += digit << shift
+            shift += _DIGIT_BITS
+        return out
+
+    token = decode(block_size, lambda t, j: t)
+    dim = decode(head_dim, lambda t, j: j)
+    half = block_size * head_dim
+    layout = KVLayout(key_index=torch.empty(block_size, head_dim, dtype=torch.long),
+                      value_index=torch.empty(block_size, head_dim, dtype=torch.long))
+    halves = ((layout.key_index, torch.arange(half)), (layout.value_index, torch.arange(half, 2 * half)))
+    for index, positions in halves:
+        t, j = token[positions], dim[positions]
+        if (t >= block_size).any() or (j >= head_dim).any():
+            raise ValueError("probe decoded to a token or dimension out of range")
+        seen = torch.zeros(block_size, head_dim, dtype=torch.bool)
+        seen[t, j] = True
+        if not bool(seen.all()):
+            raise ValueError("the cache packing is not a one-to-one placement of (token, dim)")
+        index[t, j] = positions
+    return layout
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_ids, length: int, layout: KVLayout | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first ``length`` slots of ``block_ids``, each ``(H_kv, length, d)``, read through
+    ``layout`` (default: the ``vec`` packing)."""
+    block_ids = torch.as_tensor(block_ids, dtype=torch.long)
     num_blocks, num_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
-    view = kv_cache.view(num_blocks, num_heads, 2 * block_size, head_dim)
-    return view[block_ids], block_size, head_dim
+    if layout is None:
+        layout = vec_layout(block_size, head_dim)
+    raw = kv_cache.view(num_blocks, num_heads, 2 * block_size * head_dim)[block_ids]  # (n, H, 2·bs·d)
+    n = raw.shape[0]
 
+    def read(index: torch.Tensor) -> torch.Tensor:
+        picked = raw[:, :, index.reshape(-1)].view(n, num_heads, block_size, head_dim)
+        return picked.permute(1, 0, 2, 3).reshape(num_heads, n * block_size, head_dim)[:, :length]
 
-def gather_kv(kv_cache: torch.Tensor, block_ids, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the first ``length`` slots of ``block_ids``, each ``(H_kv, length, d)``."""
-    block_ids = torch.as_tensor(block_ids, dtype=torch.long)
-    blk, block_size, head_dim = _blocks(kv_cache, block_ids)
-    n, num_heads = blk.shape[0], blk.shape[1]
-    keys = blk[:, :, :block_size].reshape(n, num_heads, head_dim, block_size).transpose(2, 3)
-    keys = keys.permute(1, 0, 2, 3).reshape(num_heads, n * block_size, head_dim)[:, :length]
-    values = blk[:, :, block_size:].permute(1, 0, 2, 3).reshape(num_heads, n * block_size, head_dim)
-    return keys, values[:, :length]
+    return read(layout.key_index), read(layout.value_index)
 
 
 def gather_bias(bias: torch.Tensor, block_ids, length: int) -> torch.Tensor:
@@ -80,10 +156,11 @@ def paged_attention_with_bias(
     block_table_row: torch.Tensor,
     seq_len: int,
     scale: float,
+    layout: KVLayout | None = None,
 ) -> torch.Tensor:
     """:func:`attention_with_bias` for one request whose KV lives in paged blocks."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-seq_len // block_size)
     ids = block_table_row[:num_blocks].long()
-    keys, values = gather_kv(kv_cache, ids, seq_len)
+    keys, values = gather_kv(kv_cache, ids, seq_len, layout)
     return attention_with_bias(query, keys, values, gather_bias(bias, ids, seq_len), scale)

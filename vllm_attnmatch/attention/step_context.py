@@ -3,6 +3,13 @@
 One object per runner, attached to every attention impl of the model, so no module globals: the runner
 says which batch rows belong to requests whose queries must be captured and which requests are
 compacted (their attention adds β); the impls append captured queries here. No vLLM import.
+
+Captured queries are memory outside vLLM's KV budget, so they are kept small: only every ``stride``-th
+prefill row is captured (at most ``max_query_tokens`` rows per request), in the model's dtype (the fit
+upcasts one layer at a time), and they are dropped as soon as the job takes them, or when the request is
+skipped, preempted, aborted or finishes. Capture runs inside the attention forward, where an allocation
+failure would kill the step: an out-of-memory there drops that request's capture instead and its
+compaction fails cleanly (served uncompacted).
 """
 
 from __future__ import annotations
@@ -48,15 +55,24 @@ class StepContext:
     captured_positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     # req_id -> number of captured rows (kept in step with captured_positions)
     captured_rows: dict[str, int] = field(default_factory=dict)
+    # req_id -> why its capture was dropped (its compaction fails instead of running on partial queries)
+    capture_failed: dict[str, str] = field(default_factory=dict)
 
     def record_queries(self, layer_name: str, query: torch.Tensor) -> None:
         """Called by each attention layer with the step's post-RoPE queries (num_tokens, H_q, d)."""
         for req_id, rows in self.capture.items():
+            if req_id in self.capture_failed:
+                continue
             index, _ = rows.selected()
             if index.numel() == 0:
                 continue
-            per_layer = self.captured_queries.setdefault(req_id, {})
-            per_layer.setdefault(layer_name, []).append(query[index].detach().float().clone())
+            try:
+                kept = query[index.to(query.device)].detach().clone()  # model dtype; index_select copies
+            except torch.OutOfMemoryError:
+                self.forget([req_id])
+                self.capture_failed[req_id] = "out of memory while capturing reference queries"
+                continue
+            self.captured_queries.setdefault(req_id, {}).setdefault(layer_name, []).append(kept)
 
     def begin_step(
         self, capture: dict[str, CaptureRows], biased_batch_rows: list[int], query_starts: list[int] | None = None
@@ -71,6 +87,8 @@ class StepContext:
             self.biased_cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             self.biased_max_query_len = max(lengths)
         for req_id, rows in capture.items():
+            if req_id in self.capture_failed:
+                continue
             _, positions = rows.selected()
             if positions.numel():
                 self.captured_positions.setdefault(req_id, []).append(positions)
@@ -78,7 +96,13 @@ class StepContext:
 
     def take_queries(self, req_id: str, keep: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """A request's captured queries: layer -> (n, H_q, d), and their positions (n,). Popped unless
-        ``keep`` (an online request compacts repeatedly from the same ring of queries)."""
+        ``keep`` (an online request compacts repeatedly from the same ring of queries). Raises if the
+        request's capture was dropped (out of memory)."""
+        failed = self.capture_failed.get(req_id)
+        if failed is not None:
+            if not keep:
+                self.capture_failed.pop(req_id, None)
+            raise RuntimeError(failed)
         per_layer = self.captured_queries.get(req_id, {}) if keep else self.captured_queries.pop(req_id, {})
         positions = self.captured_positions.get(req_id, []) if keep else self.captured_positions.pop(req_id, [])
         if not keep:
@@ -104,3 +128,9 @@ class StepContext:
             self.captured_queries.pop(req_id, None)
             self.captured_positions.pop(req_id, None)
             self.captured_rows.pop(req_id, None)
+            self.capture_failed.pop(req_id, None)
+
+    def captured_bytes(self) -> int:
+        """Memory held by captured queries (reported by the memory benchmark)."""
+        return sum(t.numel() * t.element_size() for layers in self.captured_queries.values()
+                   for chunks in layers.values() for t in chunks)

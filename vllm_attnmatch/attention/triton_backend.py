@@ -9,7 +9,12 @@ Not exercised by CI (no GPU there); see the README's tested-scope section.
 
 from __future__ import annotations
 
-from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadataBuilder,
+)
 
 from vllm_attnmatch.attention.common import AttnMatchBackendMixin, AttnMatchImplMixin
 from vllm_attnmatch.attention.step_context import StepContext
@@ -18,10 +23,24 @@ from vllm_attnmatch.kernels import paged_attention_with_bias
 BACKEND_PATH = "vllm_attnmatch.attention.triton_backend.AttnMatchTritonAttentionBackend"
 
 
+class AttnMatchTritonMetadataBuilder(TritonAttentionMetadataBuilder):
+    """The β rows and the query capture run from Python inside the attention op, so attention must
+    never be captured in a full CUDA graph. Reporting NEVER makes vLLM resolve its default
+    FULL_AND_PIECEWISE mode to PIECEWISE: the rest of the model keeps compilation and CUDA graphs, and
+    attention (a splitting op) runs eagerly between the graph pieces. ``--enforce-eager`` still forces
+    eager mode for everything."""
+
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+
 class AttnMatchTritonAttentionBackend(AttnMatchBackendMixin, TritonAttentionBackend):
     @staticmethod
     def get_impl_cls():
         return AttnMatchTritonAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return AttnMatchTritonMetadataBuilder
 
 
 class AttnMatchTritonAttentionImpl(AttnMatchImplMixin, TritonAttentionImpl):

@@ -140,9 +140,11 @@ def plan_online_layout(
 
 @dataclass(frozen=True)
 class CompactionJob:
-    """One request's compaction, run by every worker right after the forward of the step that
-    completes its prefill. Workers read KV from ``src_block_ids`` and write the compacted layout into
-    the fresh ``dst_block_ids`` (never in place: the source blocks stay valid prefix-cache entries)."""
+    """One request's compaction, shipped with the step that completes its prefill (or reaches its KV
+    ceiling) and run by every worker in layer slices over the following steps (``StepPlan.slices``)
+    while the request is held out of scheduling. Workers read KV from ``src_block_ids`` and write the
+    compacted layout into the fresh ``dst_block_ids`` (never in place: the source blocks stay valid
+    prefix-cache entries, and stay the request's own until the last slice is booked)."""
 
     req_id: str
     layout: CompactionLayout
@@ -161,7 +163,7 @@ class CompactionJob:
 #: When set to 1 in the server's environment, a request's ``extra_args["attnmatch_fault"]`` (one of
 #: FAULTS) makes its compaction fail on the worker: how the tests prove that failures are contained.
 FAULT_INJECTION_ENV = "VLLM_ATTNMATCH_FAULT_INJECTION"
-FAULTS = ("solver", "nonfinite", "oom")
+FAULTS = ("solver", "nonfinite", "oom", "solver_on_last_rank")  # the last: one tensor-parallel rank fails
 
 
 @dataclass
@@ -183,10 +185,23 @@ class StepPlan:
     capture_limit: dict[str, int] = field(default_factory=dict)
     # blocks handed out this step through a compacted-prefix hit: their β is valid and must be kept
     preserve_bias: list[int] = field(default_factory=list)
+    # req_id -> layers of its in-flight job to run after this step's forward (ALL_LAYERS: the rest).
+    # A job shipped in ``jobs`` runs no layer on its first step; it ends (and reports its result) on the
+    # step its last layer runs. Every rank gets the same counts, so every rank ends a job on the same step.
+    slices: dict[str, int] = field(default_factory=dict)
+    # requests whose in-flight job and captured queries the workers must drop (preempted, aborted, failed)
+    cancel: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.jobs or self.swaps or self.offsets or self.capture_stride or self.preserve_bias)
+        return not (
+            self.jobs or self.swaps or self.offsets or self.capture_stride or self.preserve_bias or self.slices
+            or self.cancel
+        )
+
+
+#: ``StepPlan.slices`` value that runs every remaining layer of a job.
+ALL_LAYERS = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,12 @@ class AttnMatchFullAttentionManager(FullAttentionManager):
         self.block_pool.free_blocks(reversed(old))
         return old
 
+    def adopt_blocks(self, request_id: str, holder: str, offset: int) -> tuple[list, list]:
+        """Make the blocks held under ``holder`` (a job's destination, see ``allocation``) the request's
+        blocks and free its old ones; return (old, new)."""
+        new = super().pop_blocks_for_free(holder)
+        return self.replace_blocks(request_id, new, offset), new
+
     def pop_blocks_for_free(self, request_id):
         # Finish, abort and preemption all come through here: the compaction dies with the blocks.
         self.offsets.pop(request_id, None)

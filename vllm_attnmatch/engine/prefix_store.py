@@ -50,9 +50,27 @@ class CompactedPrefixStore:
         return make_block_hash_with_group_id(block_hash, self.group_id)
 
     def store(self, prefix_key: bytes, blocks: list) -> None:
-        """Publish the blocks of a freshly compacted prefix under their synthetic keys."""
+        """Publish the blocks of a freshly compacted prefix under their synthetic keys.
+
+        Whatever is left of an older compaction under the same key (the pool evicted some of its
+        blocks, so it was recomputed) is evicted first: a lookup must never mix blocks of two
+        compactions (each fit is its own; their entries do not line up)."""
+        self.evict(prefix_key, len(blocks))
         for index, block in enumerate(blocks):
             self.block_pool._insert_block_hash(self._block_key(prefix_key, index), block, num_tokens=None)
+
+    def evict(self, prefix_key: bytes, num_blocks: int) -> int:
+        """Drop every block cached under this prefix's keys from the prefix cache (blocks in use stay
+        allocated to their requests); return how many were dropped."""
+        cache, dropped = self.block_pool.cached_block_hash_to_block, 0
+        for index in range(num_blocks):
+            key = self._block_key(prefix_key, index)
+            seen: set[int] = set()
+            while (block := cache.get_one_block(key)) is not None and block.block_id not in seen:
+                seen.add(block.block_id)
+                self.block_pool.evict_blocks({block.block_id})
+                dropped += 1
+        return dropped
 
     def lookup(self, prefix_key: bytes, num_blocks: int) -> list | None:
         """The stored blocks of a compacted prefix, or None unless every one of them is still cached."""

@@ -9,17 +9,20 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_attnmatch.attention import cpu_paged
-from vllm_attnmatch.attention.cpu_backend import BACKEND_PATH
+from vllm_attnmatch.attention.cpu_backend import BACKEND_PATH, layer_kv_layout
+from vllm_attnmatch.support import check_attention_layers
 from vllm_attnmatch.worker.executor import LayerPagedKV
 from vllm_attnmatch.worker.runner import AttnMatchRunnerMixin, log_worker_start
+from vllm_attnmatch.worker.tensor_parallel import separate_dumps_per_rank
 
 
 class CPUPagedKV(LayerPagedKV):
-    """The CPU_ATTN layout (see :mod:`cpu_paged`); writes go through vLLM's own cache op so the
-    in-block packing is always the kernel's."""
+    """The CPU_ATTN layout (see :mod:`cpu_paged`); writes go through vLLM's own cache op and reads
+    through the packing learned from that op, so the in-block packing is always the kernel's."""
 
     def gather(self, layer, block_ids, length):
-        return cpu_paged.gather_kv(self._layers[layer].kv_cache, block_ids, length)
+        attn = self._layers[layer]
+        return cpu_paged.gather_kv(attn.kv_cache, block_ids, length, layer_kv_layout(attn, attn.kv_cache))
 
     def write(self, layer, block_ids, keys, values, beta):
         attn = self._layers[layer]
@@ -48,6 +51,7 @@ class CPUPagedKV(LayerPagedKV):
 class AttnMatchCPUModelRunner(AttnMatchRunnerMixin, CPUModelRunner):
     def _make_paged_kv(self, layer_names):
         forward_context = self.compilation_config.static_forward_context
+        check_attention_layers({name: forward_context[name] for name in layer_names})
         bias = {}
         for name in layer_names:
             num_blocks, num_heads, block_size, _ = forward_context[name].kv_cache.shape
@@ -60,6 +64,7 @@ class AttnMatchCPUWorker(CPUWorker):
         super().__init__(*args, **kwargs)
         # Before the model is built, so its attention layers pick our backend subclass.
         register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+        separate_dumps_per_rank(self.rank)
         log_worker_start(self)
 
     def init_device(self):

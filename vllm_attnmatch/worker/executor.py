@@ -91,26 +91,37 @@ def compact_layer_online(
     beta: torch.Tensor,
     queries: torch.Tensor | None,
     scale: float,
+    timings: dict | None = None,
 ):
     """Re-compact a physical cache at its ceiling: the span may hold entries compacted before (their β
     enters the targets and the result) and −inf padding (dropped). Every captured query comes after the
     span's entries or is a decode query that saw all of them, so the targets are not causal."""
     layout = job.layout
     first, end = layout.keep_first, layout.span_end
+    beta = beta.to(device=keys.device, dtype=torch.float32)
     real = torch.isfinite(beta[:, first:end]).all(0)
     span_k, span_v, span_b = keys[:, first:end][:, real], values[:, first:end][:, real], beta[:, first:end][:, real]
     kwargs = dict(job.options)
     kwargs["scale"] = scale
     kwargs.pop("query_gap", None)
     if queries is not None and queries.shape[0]:
-        pooled, _ = group_queries(queries, keys.shape[0])
+        pooled, _ = group_queries(queries.to(device=keys.device, dtype=torch.float32), keys.shape[0])
     else:
-        pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
-    result = _compact_span(job, span_k, span_v, pooled.to(span_k.device), span_b, kwargs)
+        pooled = torch.zeros((keys.shape[0], 0, keys.shape[2]), device=keys.device)
+    result = _compact_span(job, span_k, span_v, pooled, span_b, kwargs)
     _inject(job.fault, result)
     _check_finite(result)
+    _add_timings(timings, result)
     # Fewer real entries than the target: pad (β = -inf) to the layout.
     return _splice(keys, values, beta, result, first, end, layout.target - result.target)
+
+
+def _add_timings(timings: dict | None, result) -> None:
+    """Accumulate the algorithm's per-component seconds (``CompactionResult.timings``) into ``timings``."""
+    if timings is None:
+        return
+    for name, seconds in getattr(result, "timings", {}).items():
+        timings[name] = timings.get(name, 0.0) + seconds
 
 
 def _splice(keys, values, beta, result, first: int, end: int, pad: int):
@@ -141,33 +152,53 @@ def compact_layer(
     extra_queries: torch.Tensor | None = None,
     extra_positions: torch.Tensor | None = None,
     layer_index: int | None = None,
+    timings: dict | None = None,
 ):
-    """Compact one layer's span; return the full new layout (keys, values, β) and the fit error."""
+    """Compact one layer's span; return the full new layout (keys, values, β) and the fit error.
+
+    Device and dtype as the runner hands them over: keys/values in the model dtype on the device, queries
+    on the device (any float dtype), positions on the CPU (the step's ``torch.arange``). Queries are moved
+    to the keys' device in fp32; positions stay where they are and :func:`compact` places them. ``timings``
+    (optional) accumulates the algorithm's per-component seconds.
+    """
     layout = job.layout
     first, end = layout.keep_first, layout.span_end
     span_k, span_v = keys[:, first:end], values[:, first:end]
     kwargs = dict(job.options)
     kwargs["scale"] = scale
+    device = keys.device
+    if queries is not None:
+        queries = queries.to(device=device, dtype=torch.float32)
     if queries is not None and query_positions is not None:
         # Rows before the span see none of its keys under causal targets: they carry no information.
         # Rows after it would make the compacted prefix depend on the request's suffix, and a shared
         # compacted prefix must depend on the prefix alone.
+        query_positions = query_positions.reshape(-1).long()
         sees_span = (query_positions >= first) & (query_positions < end)
-        queries, query_positions = queries[sees_span], query_positions[sees_span]
+        queries, query_positions = queries[sees_span.to(device)], query_positions[sees_span]
     if extra_queries is not None:
         # Synthetic queries (repeat / self_study) come after the span and depend on the prefix alone.
-        queries = extra_queries if queries is None else torch.cat([queries, extra_queries.to(queries)])
-        query_positions = (
-            extra_positions if query_positions is None else torch.cat([query_positions, extra_positions])
-        )
+        extra_queries = extra_queries.to(device=device, dtype=torch.float32)
+        if extra_positions is not None:
+            extra_positions = extra_positions.reshape(-1).long()
+        if queries is None:
+            queries, query_positions = extra_queries, extra_positions
+        else:
+            # Positions are kept only if every row has one (else the targets are not causal).
+            known = query_positions is not None and extra_positions is not None
+            queries = torch.cat([queries, extra_queries])
+            query_positions = torch.cat([query_positions, extra_positions.to(query_positions.device)]) if known else None
     if queries is not None and query_positions is not None:
         pooled, kwargs["query_positions"] = group_queries(queries, keys.shape[0], query_positions)
         kwargs["key_positions"] = torch.arange(first, end)
+    elif queries is not None:
+        pooled, _ = group_queries(queries, keys.shape[0])
     else:
-        pooled = span_k.new_zeros((keys.shape[0], 0, keys.shape[2]))
+        pooled = torch.zeros((keys.shape[0], 0, keys.shape[2]), device=device)
     result = _compact_span(job, span_k, span_v, pooled, None, kwargs, layer_index)
     _inject(job.fault, result)
     _check_finite(result)
+    _add_timings(timings, result)
     # A prefill compaction's source is raw (β = 0). Non-uniform heads: this layer's largest head may be
     # below the layout's target; the rest of the last compacted block is padding too.
     raw_beta = torch.zeros(keys.shape[:2], device=keys.device)
@@ -182,6 +213,113 @@ def layer_index(name: str) -> int:
     return int(match.group(1))
 
 
+class JobRun:
+    """One job on one worker, run a slice of layers at a time (``run_layers``), so that a compaction
+    spreads over several engine steps and never freezes the batch (the scheduler holds the request out
+    of scheduling meanwhile; its source blocks stay valid until the job is booked).
+
+    The first failure is kept and later slices do nothing; the result is reported only when the last
+    layer's slice has run, so every rank ends a job on the same step whatever happened to it.
+    """
+
+    def __init__(self, job: CompactionJob, kv: PagedKV, queries, query_positions, extra=None) -> None:
+        self.job = job
+        self.kv = kv
+        self.queries = queries
+        self.query_positions = query_positions
+        self.extra = extra
+        self.extra_seconds = extra.seconds if extra is not None else 0.0  # producing synthetic queries
+        self.query_source = "context"
+        self.seconds = 0.0
+        self.error = ""
+        self._layers = kv.layer_names()
+        self._next = 0
+        self._errors: list[float] = []
+        self._dump_dir = os.environ.get(DUMP_DIR_ENV)
+        self._dump: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self._layers)
+
+    def run_layers(self, count: int) -> None:
+        """Compact the next ``count`` layers into the destination blocks (fewer at the end)."""
+        started = time.perf_counter()
+        end = min(len(self._layers), self._next + max(0, count))
+        while self._next < end:
+            layer = self._layers[self._next]
+            self._next += 1  # a failed job still counts its layers: it ends on the same step everywhere
+            if self.error:
+                continue
+            try:
+                self._run_layer(layer)
+                if self.done and self._dump_dir:
+                    torch.save(
+                        {"layout": self.job.layout, "layers": self._dump},
+                        os.path.join(self._dump_dir, f"{self.job.req_id}.pt"),
+                    )
+            except Exception as exc:  # noqa: BLE001 - any failure serves the request uncompacted
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.release()
+        self.seconds += time.perf_counter() - started
+
+    def _run_layer(self, layer: str) -> None:
+        job, kv, layout, extra = self.job, self.kv, self.job.layout, self.extra
+        keys, values = kv.gather(layer, job.src_block_ids, layout.num_tokens)
+        # Captured in the model's dtype to keep them small; the fit works in fp32, one layer at a time.
+        queries = self.queries.get(layer)
+        queries = queries.float() if queries is not None else None
+        if layout.online:
+            old_beta = kv.gather_bias(layer, job.src_block_ids, layout.num_tokens).to(keys.device)
+            new_keys, new_values, beta, fit_error = compact_layer_online(
+                job, keys, values, old_beta, queries, kv.scale(layer)
+            )
+        else:
+            new_keys, new_values, beta, fit_error = compact_layer(
+                job,
+                keys,
+                values,
+                queries,
+                self.query_positions,
+                kv.scale(layer),
+                extra.queries.get(layer) if extra is not None else None,
+                extra.positions if extra is not None else None,
+                layer_index(layer) if job.head_targets is not None else None,
+            )
+        kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
+        self._errors.append(fit_error)
+        # This layer's reference queries are spent: free them now rather than at the end of the job.
+        if isinstance(self.queries, dict) and not layout.online:
+            self.queries.pop(layer, None)
+        if self._dump_dir:
+            self._dump[layer] = {"keys": new_keys.cpu(), "values": new_values.cpu(), "beta": beta.cpu()}
+
+    def release(self) -> None:
+        """Drop the captured queries (a failed or cancelled job keeps nothing alive)."""
+        self.queries, self.query_positions, self.extra, self._dump = {}, None, None, {}
+
+    def result(self) -> CompactionResult:
+        layout = self.job.layout
+        if self.error or not self.done:
+            return CompactionResult(
+                req_id=self.job.req_id,
+                ok=False,
+                seconds=self.seconds,
+                tokens_before=layout.num_tokens,
+                tokens_after=layout.num_tokens,
+                error=self.error or "the job did not run every layer",
+            )
+        finite = [e for e in self._errors if math.isfinite(e)]
+        return CompactionResult(
+            req_id=self.job.req_id,
+            ok=True,
+            seconds=self.seconds,
+            tokens_before=layout.num_tokens,
+            tokens_after=layout.physical_len,
+            fit_error=sum(finite) / len(finite) if finite else math.nan,
+        )
+
+
 def run_job(
     job: CompactionJob,
     kv: PagedKV,
@@ -189,53 +327,7 @@ def run_job(
     query_positions: torch.Tensor | None,
     extra=None,
 ) -> CompactionResult:
-    """Compact every layer of one request into its destination blocks."""
-    started = time.perf_counter()
-    layout = job.layout
-    errors: list[float] = []
-    dump_dir = os.environ.get(DUMP_DIR_ENV)
-    dump: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        for layer in kv.layer_names():
-            keys, values = kv.gather(layer, job.src_block_ids, layout.num_tokens)
-            if layout.online:
-                old_beta = kv.gather_bias(layer, job.src_block_ids, layout.num_tokens).to(keys.device)
-                new_keys, new_values, beta, fit_error = compact_layer_online(
-                    job, keys, values, old_beta, queries.get(layer), kv.scale(layer)
-                )
-            else:
-                new_keys, new_values, beta, fit_error = compact_layer(
-                    job,
-                    keys,
-                    values,
-                    queries.get(layer),
-                    query_positions,
-                    kv.scale(layer),
-                    extra.queries.get(layer) if extra is not None else None,
-                    extra.positions if extra is not None else None,
-                    layer_index(layer) if job.head_targets is not None else None,
-                )
-            kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
-            errors.append(fit_error)
-            if dump_dir:
-                dump[layer] = {"keys": new_keys.cpu(), "values": new_values.cpu(), "beta": beta.cpu()}
-        if dump_dir:
-            torch.save({"layout": layout, "layers": dump}, os.path.join(dump_dir, f"{job.req_id}.pt"))
-    except Exception as exc:  # noqa: BLE001 - any failure serves the request uncompacted
-        return CompactionResult(
-            req_id=job.req_id,
-            ok=False,
-            seconds=time.perf_counter() - started,
-            tokens_before=layout.num_tokens,
-            tokens_after=layout.num_tokens,
-            error=f"{type(exc).__name__}: {exc}",
-        )
-    finite = [e for e in errors if math.isfinite(e)]
-    return CompactionResult(
-        req_id=job.req_id,
-        ok=True,
-        seconds=time.perf_counter() - started,
-        tokens_before=layout.num_tokens,
-        tokens_after=layout.physical_len,
-        fit_error=sum(finite) / len(finite) if finite else math.nan,
-    )
+    """Compact every layer of one request into its destination blocks, in one go."""
+    run = JobRun(job, kv, queries, query_positions, extra)
+    run.run_layers(len(kv.layer_names()))
+    return run.result()

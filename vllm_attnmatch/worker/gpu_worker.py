@@ -12,8 +12,10 @@ from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_attnmatch.attention.triton_backend import BACKEND_PATH
 from vllm_attnmatch.kernels import gather_paged_kv, scatter_paged_kv
+from vllm_attnmatch.support import check_attention_layers
 from vllm_attnmatch.worker.executor import LayerPagedKV
 from vllm_attnmatch.worker.runner import AttnMatchRunnerMixin, log_worker_start
+from vllm_attnmatch.worker.tensor_parallel import separate_dumps_per_rank
 
 
 class GPUPagedKV(LayerPagedKV):
@@ -40,6 +42,7 @@ class GPUPagedKV(LayerPagedKV):
 class AttnMatchGPUModelRunner(AttnMatchRunnerMixin, GPUModelRunner):
     def _make_paged_kv(self, layer_names):
         forward_context = self.compilation_config.static_forward_context
+        check_attention_layers({name: forward_context[name] for name in layer_names})
         bias = {}
         for name in layer_names:
             num_blocks, num_heads, block_size, _ = forward_context[name].kv_cache.shape
@@ -51,6 +54,7 @@ class AttnMatchGPUWorker(Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+        separate_dumps_per_rank(self.rank)
         log_worker_start(self)
 
     def _make_model_runner(self):

@@ -7,7 +7,10 @@ it — look at the whole document the way the continuation will. The paper gets 
 tasks about the context (``self_study``). Here both run on the worker with an independent torch forward of
 the served Llama weights (:class:`ReferenceLlama`) over the request's gathered KV, so nothing is emitted to
 the client and the scheduler is not involved. Their positions are logical and after the span, so causal
-targets treat them as queries that see all of it.
+targets treat them as queries that see all of it. ``self_study`` decodes all its prompts as one batch
+(:func:`self_study_batched`; :func:`self_study_queries` is the one-prompt-at-a-time reference), with a
+prompt family that suits continuing the text (:data:`PROMPT_FAMILIES`; ``continue`` won on the DEV texts:
+``python -m benchmarks query-sources --offline --texts dev``).
 
 No vLLM import: the runner passes the gathered cache, the token ids and a tokenizer.
 """
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
+from vllm_attnmatch.algorithms.reference_llama import LayerKV, PrefixBatch, ReferenceLlama
 
 REPEAT_PROMPT = "\nRepeat the previous context verbatim.\n"
 SELF_STUDY_PROMPTS = (
@@ -27,6 +30,44 @@ SELF_STUDY_PROMPTS = (
     "\nList the key facts stated in the text above.\n",
     "\nWrite three questions that the text above answers, with their answers.\n",
 )
+#: Special self-study prompts, resolved against the context's token ids (:func:`build_prompts`).
+CONTINUE = "<continue>"  # the text itself, continued from its last token (re-fed, its cached copy hidden)
+RECALL = "<recall:{:.2f}>"  # restart the text at this fraction of it (16 tokens teacher-forced), continue
+RECALL_TOKENS = 16
+#: Self-study prompt families (server setting ``self_study_prompts``). Why several: a summary or a quiz
+#: looks at a document the way a question does; a continuation looks at it the way the next part of the
+#: same text does (source code, logs and help pages are continued, not summarised).
+PROMPT_FAMILIES: dict[str, tuple[str, ...]] = {
+    "tasks": SELF_STUDY_PROMPTS,
+    "continue": (CONTINUE, RECALL.format(1 / 3), RECALL.format(2 / 3)),
+    "mixed": (CONTINUE, RECALL.format(0.5), SELF_STUDY_PROMPTS[0], SELF_STUDY_PROMPTS[2]),
+}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One self-study row: token ids fed after the context at ``start``; ``hide`` hides the context's last
+    ``hide`` cached entries from it (the continuation row re-feeds them)."""
+
+    ids: tuple[int, ...]
+    start: int
+    hide: int = 0
+
+
+def build_prompts(family: str | tuple[str, ...], encode, context_ids: list[int]) -> list[Prompt]:
+    """Token-level prompts of a family (a name in :data:`PROMPT_FAMILIES`, or the prompt strings)."""
+    specs = PROMPT_FAMILIES[family] if isinstance(family, str) else family
+    T = len(context_ids)
+    prompts = []
+    for spec in specs:
+        if spec == CONTINUE:
+            prompts.append(Prompt((context_ids[-1],), T - 1, hide=1))
+        elif spec.startswith("<recall:"):
+            at = int(float(spec[len("<recall:"):-1]) * T)
+            prompts.append(Prompt(tuple(encode("\n\n") + context_ids[at : at + RECALL_TOKENS]), T))
+        else:
+            prompts.append(Prompt(tuple(encode(spec)), T))
+    return prompts
 
 
 @dataclass(frozen=True)
@@ -108,6 +149,62 @@ def self_study_queries(
         raise TimeoutError("self_study produced no queries within its time bound")
     queries, positions = _concat(parts)
     return SyntheticQueries(queries, positions, time.perf_counter() - started, tokens, {"answers": generated})
+
+
+def self_study_batched(
+    model: ReferenceLlama,
+    cache: list[LayerKV],
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    max_seconds: float,
+) -> SyntheticQueries:
+    """All prompts at once: greedy answers decoded as one batch over the shared context cache.
+
+    Same queries as :func:`self_study_queries` (prompt tokens, then every generated token as it is fed),
+    in the same order (row by row), for the cost of one batched step per generated token
+    (:class:`PrefixBatch`: a preallocated cache, one fused attention call per layer). ``info["rows"]``
+    holds each row's fed tokens and positions, for a later teacher-forced pass (on-policy).
+    """
+    started = time.perf_counter()
+    B = len(prompts)
+    if B == 0:
+        raise ValueError("self_study needs at least one prompt")
+    P = max(len(p.ids) for p in prompts)
+    batch = PrefixBatch(model, cache, B, P + max_new_tokens, hide=[p.hide for p in prompts])
+    pads = [P - len(p.ids) for p in prompts]
+    tokens = torch.zeros(B, P, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    positions = torch.zeros(B, P, dtype=torch.long)
+    for b, (p, pad) in enumerate(zip(prompts, pads)):
+        tokens[b, pad:] = torch.tensor(p.ids)
+        valid[b, pad:] = True
+        positions[b] = (torch.arange(P) - pad).clamp_min(0) + p.start
+    logits, queries = batch.step(tokens, positions, valid, logits=max_new_tokens > 0)
+    steps = [queries]  # each (B, n, H_q, d) per layer
+    next_pos = torch.tensor([p.start + len(p.ids) for p in prompts])
+    answers = torch.zeros(B, 0, dtype=torch.long)
+    for i in range(max_new_tokens):
+        if time.perf_counter() - started > max_seconds:
+            break
+        token = logits.argmax(-1)
+        answers = torch.cat([answers, token[:, None]], 1)
+        last = i == max_new_tokens - 1
+        logits, queries = batch.step(token[:, None], (next_pos + i)[:, None], logits=not last)
+        steps.append(queries)
+    N = answers.shape[1]
+    layers = []
+    for layer in range(model.num_layers):
+        prompt_q = steps[0][layer]
+        answer_q = torch.cat([s[layer] for s in steps[1:]], 1) if N else prompt_q[:, :0]
+        layers.append(torch.cat([torch.cat([prompt_q[b, pads[b]:], answer_q[b]]) for b in range(B)]))
+    rows, pos = [], []
+    for b, p in enumerate(prompts):
+        ids = list(p.ids) + answers[b].tolist()
+        row_pos = torch.arange(p.start, p.start + len(ids))
+        rows.append((ids, row_pos, p.hide))
+        pos.append(row_pos)
+    return SyntheticQueries(layers, torch.cat(pos), time.perf_counter() - started, sum(len(r[0]) for r in rows),
+                            {"answers": answers.tolist(), "rows": rows})
 
 
 def cap_rows(queries: dict[str, torch.Tensor], positions: torch.Tensor | None, cap: int):

@@ -21,7 +21,8 @@ from vllm.logger import init_logger
 
 from vllm_attnmatch.attention.step_context import CaptureRows, StepContext
 from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
-from vllm_attnmatch.worker.executor import PagedKV, run_job
+from vllm_attnmatch.worker.executor import JobRun, PagedKV
+from vllm_attnmatch.worker.tensor_parallel import agree_on_result, job_for_this_rank
 
 logger = init_logger("vllm.attnmatch.runner")
 
@@ -48,6 +49,7 @@ class AttnMatchRunnerMixin:
     _am_producer = None  # SyntheticQueryProducer, built on the first repeat / self_study job
     _am_server_config = None
     _am_results: list[CompactionResult]
+    _am_inflight: dict[str, JobRun]
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -61,9 +63,32 @@ class AttnMatchRunnerMixin:
         self._am_kv, bias = self._make_paged_kv(layer_names)
         self._am_ctx = StepContext(bias=bias)
         self._am_results = []
+        self._am_inflight = {}
         forward_context = self.compilation_config.static_forward_context
         for name in layer_names:
             forward_context[name].impl.attnmatch = self._am_ctx
+        self._warm_up_compaction(forward_context[layer_names[0]], next(iter(bias.values())))
+
+    @torch.inference_mode()
+    def _warm_up_compaction(self, layer, bias: torch.Tensor) -> None:
+        """Run one tiny compaction at start-up: the first fit in a process pays one-off set-up costs
+        (seconds of linear-algebra initialisation on CPU) that would otherwise land in the first layer
+        slice of the first real job and stall that step's batch."""
+        from vllm_attnmatch.engine.jobs import CompactionJob, layout_for_span
+        from vllm_attnmatch.worker.executor import compact_layer
+
+        try:
+            num_kv_heads, head_size = bias.shape[1], int(layer.impl.head_size)
+            num_heads = int(layer.impl.num_heads)
+            tokens, dtype = 256, self.model_config.dtype
+            layout = layout_for_span(tokens, 4, 0.1, None, bias.shape[2])
+            job = CompactionJob("warm-up", layout, (), (), "highest_attention", "context", None)
+            keys = torch.randn(num_kv_heads, tokens, head_size, device=bias.device, dtype=dtype)
+            values = torch.randn_like(keys)
+            queries = torch.randn(tokens, num_heads, head_size, device=bias.device, dtype=dtype)
+            compact_layer(job, keys, values, queries.float(), torch.arange(tokens), head_size**-0.5)
+        except Exception as exc:  # noqa: BLE001 - a warm-up never stops the server
+            logger.warning("compaction warm-up failed (%s); the first compaction pays its set-up", exc)
 
     # -- per step ----------------------------------------------------------------------------------
 
@@ -72,7 +97,12 @@ class AttnMatchRunnerMixin:
         self._am_plan = plan
         ctx = self._am_ctx
         if ctx is not None:
-            ctx.forget(scheduler_output.finished_req_ids)
+            dropped = set(scheduler_output.finished_req_ids) | set(plan.cancel)
+            ctx.forget(dropped)
+            for req_id in dropped:  # preempted, aborted or failed: nothing of the job stays alive
+                run = self._am_inflight.pop(req_id, None)
+                if run is not None:
+                    run.release()
             self._zero_new_bias(scheduler_output)
             for req_id, block_ids in plan.swaps.items():
                 self._replace_block_row(req_id, list(block_ids))
@@ -141,7 +171,7 @@ class AttnMatchRunnerMixin:
     def execute_model(self, scheduler_output, *args, **kwargs):
         output = super().execute_model(scheduler_output, *args, **kwargs)
         plan = self._am_plan
-        if plan is not None and plan.jobs:
+        if plan is not None and (plan.jobs or plan.slices):
             self._run_jobs(plan)
         if self._am_ctx is not None:
             self._am_ctx.begin_step({}, [])
@@ -162,19 +192,49 @@ class AttnMatchRunnerMixin:
 
     @torch.inference_mode()
     def _run_jobs(self, plan: StepPlan) -> None:
+        """Start the jobs shipped this step (their queries were captured by this step's forward) and run
+        this step's layer slices of the jobs in flight; a job whose last layer ran reports its result.
+        A new job runs no layer in the step that ships it: that step already carries its last prefill
+        chunk."""
         for job in plan.jobs:
-            queries, positions = self._am_ctx.take_queries(job.req_id, keep=job.layout.online)
+            job = job_for_this_rank(job, self.vllm_config.model_config.get_total_num_kv_heads())
+            try:
+                queries, positions = self._am_ctx.take_queries(job.req_id, keep=job.layout.online)
+            except RuntimeError as exc:  # the capture was dropped (out of memory): the job fails cleanly
+                run = JobRun(job, self._am_kv, {}, None)
+                run.error = str(exc)
+                self._am_inflight[job.req_id] = run
+                continue
             extra, source = None, "context"
             if job.queries != "context" and not job.layout.online:
                 queries, positions, extra, source = self._synthetic_queries(job, queries, positions)
-            result = run_job(job, self._am_kv, queries, positions, extra)
-            if extra is not None:
-                result = dataclasses.replace(
-                    result, seconds=result.seconds + extra.seconds, query_seconds=extra.seconds, query_source=source
-                )
-            if not result.ok:
-                logger.warning("compaction of %s failed on this worker: %s", job.req_id, result.error)
-            self._am_results.append(result)
+            run = JobRun(job, self._am_kv, queries, positions, extra)
+            run.query_source = source
+            self._am_inflight[job.req_id] = run
+        for req_id, count in plan.slices.items():
+            run = self._am_inflight.get(req_id)
+            if run is None:
+                continue
+            run.run_layers(count)
+            if run.done:
+                del self._am_inflight[req_id]
+                self._am_results.append(self._finish_job(run))
+
+    def _finish_job(self, run: JobRun) -> CompactionResult:
+        """The result of a job whose last layer slice ran on this step (every rank reaches it together)."""
+        result = run.result()
+        if run.extra_seconds:
+            result = dataclasses.replace(
+                result,
+                seconds=result.seconds + run.extra_seconds,
+                query_seconds=run.extra_seconds,
+                query_source=run.query_source,
+            )
+        result = agree_on_result(result)  # tensor parallel: applied only if it succeeded on every rank
+        run.release()
+        if not result.ok:
+            logger.warning("compaction of %s failed on this worker: %s", run.job.req_id, result.error)
+        return result
 
     def _synthetic_queries(self, job, queries, positions):
         """Add ``repeat`` / ``self_study`` queries (the context's own kept up to ``query_mix``). Any error

@@ -4,8 +4,12 @@ tokenizer once, gathers a request's prefix KV from the paged cache, and runs ``r
 
 Why a separate forward and not vLLM's: these tokens must not be scheduled, sampled, streamed or counted as
 the request's; a plain torch forward of the same weights over the gathered cache does exactly that. It
-costs a copy of the weights (loaded from the served checkpoint on first use) and supports Llama-style
-checkpoints; anything else falls back to context queries with a warning.
+costs a copy of the weights (loaded from the served checkpoint on first use; the projections stored
+column-major in bf16 for fast few-row decoding, ``ReferenceLlama.for_decoding``: ~1.4x faster than fp32
+here, queries within ~0.5 % and the same greedy answers on GPL-3) and supports Llama-style checkpoints; anything
+else falls back to context queries with a warning. ``self_study`` decodes all its prompts as one batch
+(``query_sources.self_study_batched``); the prompts are the family named by the server setting
+``self_study_prompts`` (``query_sources.PROMPT_FAMILIES``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import torch
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
 from vllm_attnmatch.worker.executor import layer_index
 from vllm_attnmatch.worker.query_sources import (
+    PROMPT_FAMILIES,
     REPEAT_PROMPT,
-    SELF_STUDY_PROMPTS,
+    build_prompts,
     repeat_queries,
-    self_study_queries,
+    self_study_batched,
 )
 
 
@@ -37,15 +42,17 @@ class SyntheticQueryProducer:
     def __init__(self, model: ReferenceLlama, tokenizer, settings) -> None:
         self.model = model
         self.settings = settings
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self.repeat_prompt = encode(REPEAT_PROMPT)
-        self.study_prompts = [encode(p) for p in SELF_STUDY_PROMPTS]
+        self.encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.repeat_prompt = self.encode(REPEAT_PROMPT)
+        self.family = getattr(settings, "self_study_prompts", "tasks")
+        if self.family not in PROMPT_FAMILIES:
+            raise ValueError(f"self_study_prompts: unknown family {self.family!r} (one of {', '.join(PROMPT_FAMILIES)})")
 
     @classmethod
     def for_model(cls, model_config, settings) -> SyntheticQueryProducer:
         from transformers import AutoTokenizer
 
-        model = ReferenceLlama.from_pretrained(model_config.model)
+        model = ReferenceLlama.from_pretrained(model_config.model).for_decoding(torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
         return cls(model, tokenizer, settings)
 
@@ -64,8 +71,9 @@ class SyntheticQueryProducer:
         if job.queries == "repeat":
             made = repeat_queries(self.model, cache, context, self.repeat_prompt, self.settings.repeat_max_tokens)
         elif job.queries == "self_study":
-            made = self_study_queries(
-                self.model, cache, end, self.study_prompts, self.settings.self_study_tokens, self.settings.self_study_seconds
+            prompts = build_prompts(self.family, self.encode, context)
+            made = self_study_batched(
+                self.model, cache, prompts, self.settings.self_study_tokens, self.settings.self_study_seconds
             )
         else:
             raise ValueError(f"unknown query source {job.queries!r}")

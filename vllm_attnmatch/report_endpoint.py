@@ -1,0 +1,99 @@
+"""``GET /v1/attnmatch/requests/{id}``: the per-request report, served by vLLM's OpenAI server.
+
+vLLM 0.32 lets a package add HTTP routes through an *endpoint plugin* (``vllm.plugins.endpoint_plugins``:
+an object with ``attach_router(app)`` and ``init_state(...)``, attached by ``build_app`` after the core
+routes). Its discovery is opt-in per name through ``VLLM_PLUGINS``, which would also make users list the
+general plugin; but a user who starts the server with an ``attnmatch`` section has already opted in. So
+the front end's config hook (:func:`install`) adds this plugin to the list vLLM discovers, and vLLM
+attaches it like any other endpoint plugin. The route sits under ``/v1``, so ``--api-key`` guards it.
+
+The reports themselves come from EngineCore through files (:mod:`vllm_attnmatch.report`).
+"""
+
+from __future__ import annotations
+
+import threading
+from argparse import Namespace
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm_attnmatch.report import MAX_LINES, find_reports
+
+logger = init_logger("vllm.attnmatch.report")
+
+PLUGIN_NAME = "attnmatch_reports"
+ROUTE = "/v1/attnmatch/requests/{request_id}"
+OBJECT = "attnmatch.request_report"
+
+
+def not_found_message(request_id: str) -> str:
+    return (
+        f"no attnmatch report for id {request_id!r}: pass the 'id' of a completion or chat completion "
+        f"response of this server (or the X-Request-Id header you sent); reports are kept for roughly the "
+        f"last {MAX_LINES // 2} requests of each engine"
+    )
+
+
+def report_body(request_id: str, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": OBJECT, "id": request_id, "data": reports}
+
+
+class AttnMatchReportsEndpoint:
+    """vLLM endpoint plugin (``vllm.plugins.endpoint_plugins.interface.EndpointPlugin``)."""
+
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app) -> None:
+        from fastapi import APIRouter
+        from fastapi.responses import JSONResponse
+
+        router = APIRouter()
+
+        # A plain ``def``: FastAPI runs it in its thread pool, so reading the files never blocks the loop.
+        @router.get(ROUTE, summary="What vllm-attnmatch did to one request (compacted or why not, T -> t)")
+        def get_request_report(request_id: str):
+            reports = find_reports(request_id)
+            if not reports:
+                error = {"message": not_found_message(request_id), "type": "NotFoundError", "param": "id", "code": 404}
+                return JSONResponse({"error": error}, status_code=404)
+            return report_body(request_id, reports)
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args: Namespace) -> None:
+        return None
+
+
+_install_lock = threading.Lock()
+
+
+def install() -> bool:
+    """Make vLLM's endpoint-plugin discovery include this plugin (front end only; idempotent).
+    Returns False (and logs why) when this vLLM has no endpoint plugins."""
+    with _install_lock:
+        try:
+            import vllm.plugins as plugins
+            from vllm.plugins.endpoint_plugins import interface  # noqa: F401  (the hook build_app calls)
+        except ImportError:
+            logger.warning("this vLLM has no endpoint plugins: %s is not served", ROUTE)
+            return False
+        original = getattr(plugins, "load_endpoint_plugins", None)
+        if original is None:
+            logger.warning("vllm.plugins.load_endpoint_plugins is missing: %s is not served", ROUTE)
+            return False
+        if getattr(original, "_attnmatch_reports", False):
+            return True
+
+        def load_endpoint_plugins(supported_tasks=None):
+            loaded = original(supported_tasks)
+            eligible = supported_tasks is not None and "generate" in supported_tasks
+            if eligible and not any(getattr(p, "name", None) == PLUGIN_NAME for p in loaded):
+                loaded.append(AttnMatchReportsEndpoint())
+            return loaded
+
+        load_endpoint_plugins._attnmatch_reports = True  # type: ignore[attr-defined]
+        load_endpoint_plugins.__wrapped__ = original  # type: ignore[attr-defined]
+        plugins.load_endpoint_plugins = load_endpoint_plugins
+        return True
