@@ -141,7 +141,7 @@ class CompactionResult:
     ``fit_error`` is the mean held-out relative attention-output error (NaN when not evaluated);
     ``heldout_output_error`` / ``heldout_mass_error`` are per head; ``plain_*`` the same for the plain
     kept entries (what eviction at these indices would give); ``gate`` per head 0 = plain, 1 = β only,
-    2 = β + fitted values; ``lengths`` is set for non-uniform per-head budgets (padding after it).
+    2 = β + fitted values.
     """
 
     keys: torch.Tensor
@@ -155,7 +155,6 @@ class CompactionResult:
     plain_output_error: torch.Tensor | None = None
     plain_mass_error: torch.Tensor | None = None
     gate: torch.Tensor | None = None
-    lengths: torch.Tensor | None = None
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)  # seconds per component, see :data:`TIMED_COMPONENTS`

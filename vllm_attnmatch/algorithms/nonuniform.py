@@ -2,7 +2,7 @@
 
 Why padding: the engine stores a layer as one ``(H_kv, t_max)`` block. Shorter heads are padded with zero
 keys/values and a very negative finite β (``PAD_BETA``; exp(PAD_BETA) underflows to 0, so the slot carries
-no attention), and ``lengths`` tells the engine where real entries end (it may store −inf there instead).
+no attention) and index −1, so padding is recognisable without a separate length.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ PAD_BETA = -1.0e4
 
 def compact_per_head(keys, values, queries, targets: Sequence[int], method: str = "highest_attention",
                      **options) -> CompactionResult:
-    """:func:`compact` with one budget per KV head; returns padded tensors and ``lengths (H,)``."""
+    """:func:`compact` with one budget per KV head; shorter heads are padded after their entries with
+    β = ``PAD_BETA`` (no attention) and index −1, which is how the engine stores them."""
     H, T, d = keys.shape
     if len(targets) != H:
         raise ValueError(f"need one target per KV head ({H}), got {len(targets)}")
@@ -35,13 +36,11 @@ def compact_per_head(keys, values, queries, targets: Sequence[int], method: str 
     V = values.new_zeros(H, t_max, d)
     beta = torch.full((H, t_max), PAD_BETA, dtype=torch.float32, device=keys.device)
     idx = torch.full((H, t_max), -1, dtype=torch.long, device=keys.device)
-    lengths = torch.zeros(H, dtype=torch.long, device=keys.device)
     for h, p in enumerate(parts):
         n = p.keys.shape[1]
         K[h, :n], V[h, :n], beta[h, :n], idx[h, :n] = p.keys[0], p.values[0], p.beta[0], p.indices[0]
-        lengths[h] = n
     errs = torch.tensor([p.fit_error for p in parts])
-    return CompactionResult(K, beta, V, idx, method=method, fit_error=float(errs.nanmean()), lengths=lengths,
+    return CompactionResult(K, beta, V, idx, method=method, fit_error=float(errs.nanmean()),
                             seconds=sum(p.seconds for p in parts), timings=sum_timings(parts))
 
 

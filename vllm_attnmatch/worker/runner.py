@@ -40,6 +40,16 @@ def log_worker_start(worker) -> None:
     )
 
 
+def _log_side_memory(bias: dict[str, torch.Tensor], kv_caches) -> None:
+    """Account for the β side tensors: they are allocated after vLLM sized the KV cache, so say how much
+    they add (one fp32 per KV slot and head: head_dim × 2 × dtype-size times smaller than K and V)."""
+    beta_bytes = sum(t.numel() * t.element_size() for t in bias.values())
+    kv_bytes = sum(t.numel() * t.element_size() for t in kv_caches if isinstance(t, torch.Tensor))
+    share = f" ({100 * beta_bytes / kv_bytes:.2f} % of the KV cache)" if kv_bytes else ""
+    logger.info("vllm-attnmatch: β side tensors %.1f MiB%s, outside vLLM's profiled budget",
+                beta_bytes / 2**20, share)
+
+
 class AttnMatchRunnerMixin:
     """Mixed in front of ``GPUModelRunner`` / ``CPUModelRunner``; subclasses supply ``_make_paged_kv``."""
 
@@ -61,6 +71,7 @@ class AttnMatchRunnerMixin:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         layer_names = [name for group in kv_cache_config.kv_cache_groups for name in group.layer_names]
         self._am_kv, bias = self._make_paged_kv(layer_names)
+        _log_side_memory(bias, getattr(self, "kv_caches", []))
         self._am_ctx = StepContext(bias=bias)
         self._am_results = []
         self._am_inflight = {}
