@@ -101,11 +101,12 @@ def headline_block(results: list[dict | None]) -> list[str]:
         best.append(f"{cell('test', name, x, False)} {name} · dev {cell('dev', name, x, False)}" if name else "–")
     body.append(["best published baseline"] + best)
     meta = results[0]["meta"]
+    count = {name: len({row["text"] for row in rows if sets.set_name(row["text"]) == name}) for name in ("test", "dev")}
     return [
-        "Continuation KL(full ‖ compacted) per token, lower is better, mean over the 8 TEST texts [min–max] "
-        "(change against the best published-strength baseline of H2O, SnapKV, TOVA, StreamingLLM at the same "
-        "budget) · the same on the 11 DEV texts, on which every default was chosen. SmolLM2-135M, 512-token "
-        f"documents, offline reference forward ([how](docs/benchmarks.md), {describe(meta)}):", "",
+        f"Continuation KL(full ‖ compacted) per token, lower is better, mean over the {count['test']} TEST texts "
+        "[min–max] (change against the best published-strength baseline of H2O, SnapKV, TOVA, StreamingLLM at "
+        f"the same budget) · the same on the {count['dev']} DEV texts, on which every default was chosen. "
+        f"SmolLM2-135M, 512-token documents, offline reference forward ([how](docs/benchmarks.md), {describe(meta)}):", "",
         *output.table(["preset"] + [f"r = {x:g}" for x in ratios], body), "",
         f"![continuation KL vs ratio on the TEST texts]({LINK}/offline_corpus_test.png)",
     ]
