@@ -82,6 +82,7 @@ class Stream:
     total_s: float
     token_times: list[float] = field(default_factory=list)
     text: str = ""
+    id: str | None = None  # the response id (what the plugin's per-request report is looked up by)
 
     @property
     def tokens(self) -> int:
@@ -154,7 +155,7 @@ class Endpoint:
         """A streamed greedy completion, timed per chunk (vLLM sends one chunk per engine step)."""
         body = self._body(prompt, max_tokens, xargs, salt, stream=True, ignore_eos=ignore_eos)
         started = time.perf_counter()
-        times, text = [], ""
+        times, text, response_id = [], "", None
         with requests.post(self.url + "/v1/completions", json=body, stream=True, timeout=3600) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"HTTP {response.status_code}: {response.text[:500]}")
@@ -162,11 +163,17 @@ class Endpoint:
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                response_id = response_id or chunk.get("id")
                 if chunk.get("choices"):
                     times.append(time.perf_counter() - started)
                     text += chunk["choices"][0].get("text") or ""
         return Stream(ttft_s=times[0] if times else float("nan"), total_s=time.perf_counter() - started,
-                      token_times=times, text=text)
+                      token_times=times, text=text, id=response_id)
+
+    def report(self, request_id: str) -> dict | None:
+        """The plugin's per-request report (``GET /v1/attnmatch/requests/{id}``), or None if it has none."""
+        response = requests.get(f"{self.url}/v1/attnmatch/requests/{request_id}", timeout=30)
+        return response.json() if response.status_code == 200 else None
 
     def chat(self, content: str, max_tokens: int) -> tuple[str, float]:
         """A greedy chat completion (the model's chat template), and the seconds taken."""

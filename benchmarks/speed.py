@@ -65,7 +65,10 @@ def _timed(endpoint: Endpoint, prompt: list[int], cfg: Config, xargs: dict | Non
     before = endpoint.metrics()
     stream = endpoint.stream(prompt, cfg.decode_tokens, xargs, salt)
     after = endpoint.metrics()
+    report = endpoint.report(stream.id) if xargs and stream.id else None
+    components = ((report or {}).get("data") or [{}])[0].get("seconds_by_component") or {}
     return {
+        "components_s": components,
         "ttft_s": stream.ttft_s,
         "tpot_s": stream.tpot_s,
         "output_tokens": stream.tokens,
@@ -82,6 +85,9 @@ def _best(samples: list[dict]) -> dict:
     for key in ("ttft_s", "tpot_s", "vllm_prefill_s", "compaction_s"):
         values = [s[key] for s in samples if s.get(key) is not None]
         out[key] = min(values) if values else None
+    if samples[0].get("compaction_s") is not None:  # the components of the fastest compaction
+        fastest = min(samples, key=lambda s: s.get("compaction_s") or float("inf"))
+        out["components_s"] = fastest.get("components_s") or {}
     if len(samples) > 1:
         out["ttft_spread_s"] = statistics.pstdev(s["ttft_s"] for s in samples)
     return out
@@ -145,8 +151,32 @@ def markdown(result: dict) -> str:
         *answers.speed_lines(answers.speed(result)), "",
         *output.table(["context tokens", "prefill s", "vLLM prefill s", "method", "compaction s", "of prefill",
                        "KV entries after", "compacted TTFT s", "stock ms/token", "compacted ms/token"], body),
+        *component_lines(result),
     ]
     return "\n".join(lines)
+
+
+COMPONENT_ORDER = ("gather", "queries", "scoring", "beta", "values", "gate", "prepare", "write", "reference_queries")
+
+
+def component_lines(result: dict) -> list[str]:
+    """Where the served compaction's seconds went (the per-request report's ``seconds_by_component``)."""
+    names: list[str] = []
+    body = []
+    for row in result["rows"]:
+        for m, c in row["compacted"].items():
+            comp = c.get("components_s") or {}
+            names += [n for n in comp if n not in names]
+            body.append((row["tokens"], m, c.get("compaction_s"), comp))
+    if not names:
+        return []
+    order = [n for n in COMPONENT_ORDER if n in names] + [n for n in names if n not in COMPONENT_ORDER]
+    rows = [[tokens, m, output.fmt(total, ".2f"), *[output.fmt(comp.get(n), ".2f") for n in order]]
+            for tokens, m, total, comp in body]
+    return ["", "Served compaction seconds by component (all layers; from the per-request report of the fastest "
+            "repeat): gather = reading the paged source blocks, queries/scoring/beta/values/gate = the algorithm, "
+            "prepare = the executor's work around it, write = the new layout into the destination blocks.", "",
+            *output.table(["context tokens", "method", "compaction s", *[f"{n} s" for n in order]], rows)]
 
 
 plot = plots.speed

@@ -76,6 +76,7 @@ class RequestReport:
     blocks_before: int | None = None
     blocks_after: int | None = None
     seconds: float | None = None  # compaction time on the workers (0 for a prefix hit)
+    seconds_by_component: dict[str, float] | None = None  # gather, scoring, beta, values, write, … (sums to ≈ seconds)
     fit_error: float | None = None
     prefix_hit: bool = False  # the compacted prefix was reused from an earlier request
     prefill_tokens_saved: int = 0
@@ -204,6 +205,7 @@ class ReportRecorder:
             report.span_tokens_before, report.span_tokens_after = layout.span_tokens, layout.target
             report.blocks_before, report.blocks_after = len(job.src_block_ids), len(job.dst_block_ids)
             report.seconds = result.seconds
+            report.seconds_by_component = {k: round(v, 4) for k, v in result.timings.items()} or None
             report.fit_error = result.fit_error if result.fit_error == result.fit_error else None  # NaN: unknown
         self._changed(report)
 

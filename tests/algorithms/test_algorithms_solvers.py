@@ -79,6 +79,27 @@ def test_ridge_path_matches_closed_form_and_limits(device):
     assert torch.equal(sols[2], prior)
 
 
+def test_ridge_path_falls_back_to_the_eigendecomposition_when_a_factorisation_fails(monkeypatch):
+    """The Cholesky path and its eigen fallback give the same solutions; a failed factorisation (forced
+    here) takes the fallback instead of returning garbage."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.softmax(torch.randn(3, 80, 12, generator=g) * 2, -1)
+    Y, prior = torch.randn(3, 80, 4, generator=g), torch.randn(3, 12, 4, generator=g)
+    alphas = (1e-4, 1e-2, 1.0, float("inf"))
+    fast = ridge_path(X, Y, prior, alphas)
+
+    real = torch.linalg.cholesky_ex
+
+    def failing(A):
+        L, info = real(A)
+        return L, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    robust = ridge_path(X, Y, prior, alphas)
+    for a, b in zip(fast, robust):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_causal_targets_ignore_future_keys(device):
     g = torch.Generator().manual_seed(5)
     K, V, Q = (torch.randn(1, 10, 4, generator=g).to(device) for _ in range(3))

@@ -144,6 +144,21 @@ def test_a_job_run_in_layer_slices_writes_what_one_go_writes_and_reports_only_at
     assert run.queries == {}  # every layer's queries were freed as it was compacted
 
 
+def test_a_job_reports_where_its_seconds_went():
+    """The per-request report's ``seconds_by_component``: reading the source, the algorithm's parts, the
+    executor around them and the write-back, adding up to the job's seconds."""
+    kv = DenseKV()
+    queries, positions = _queries(kv)
+    run = JobRun(_prefill_job(), kv, queries, positions)
+    run.run_layers(4)
+    result = run.result()
+    assert result.ok
+    assert {"gather", "scoring", "beta", "values", "prepare", "write"} <= set(result.timings)
+    assert all(seconds >= 0 for seconds in result.timings.values())
+    assert sum(result.timings.values()) <= result.seconds * 1.001 + 1e-4
+    assert sum(result.timings.values()) >= 0.5 * result.seconds  # the laps cover the timed work
+
+
 def test_a_failed_slice_keeps_the_job_until_its_last_slice_then_reports_the_failure():
     kv = DenseKV()
     job = dataclasses.replace(_prefill_job(), fault="solver")  # the test-only fault of the engine's tests

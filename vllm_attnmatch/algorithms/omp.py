@@ -58,13 +58,15 @@ class OMP(Method):
         ar = torch.arange(T, device=dev)
         step, drops = 0, 0
         max_steps = 4 * t + 16
+        # A·w kept up to date from the selected columns only, so each step reads the (H,n,T) design once
+        # (for Aᵀ·resid), not twice: the selection is memory-bound on that design.
+        Aw = matvec(A, w_full)
         while step < max_steps:
             counts = selected.sum(-1)
             need = t - counts
             if int(need.max()) <= 0:
                 break
-            resid = y - matvec(A, w_full)
-            corr = torch.bmm(resid.unsqueeze(1), A).squeeze(1).masked_fill(selected, float("-inf"))  # Aᵀ·resid
+            corr = torch.bmm((y - Aw).unsqueeze(1), A).squeeze(1).masked_fill(selected, float("-inf"))  # Aᵀ·resid
             k = self.keys_per_step
             if self.progressive:
                 k = max(k, int(0.1 * int(counts.min())))
@@ -74,9 +76,11 @@ class OMP(Method):
             rows = torch.arange(H, device=dev).unsqueeze(1).expand(H, k)
             selected[rows[take], top[take]] = True
             w_full[rows[take], top[take]] = 1.0
+            added = torch.gather(A, 2, top.unsqueeze(1).expand(H, n, k)) * take.unsqueeze(1)
+            Aw = Aw + added.sum(-1)
             step += 1
             if step % self.nnls_every == 0 or int((t - selected.sum(-1)).max()) <= 0:
-                w_full = self._solve(A, y, selected, w_full, lo, hi)
+                w_full, As, order = self._solve(A, y, selected, w_full, lo, hi)
                 if drops < 3:
                     low = selected & (w_full < math.exp(self.drop_beta) * 1.0001)
                     low &= ~forced
@@ -84,6 +88,7 @@ class OMP(Method):
                         selected &= ~low
                         w_full[low] = 0.0
                         drops += 1
+                Aw = matvec(As, torch.gather(w_full, 1, order))
         # Heads that could not fill (degenerate inputs) take the best remaining by score.
         counts = selected.sum(-1)
         if int((t - counts).max()) > 0:
@@ -96,6 +101,8 @@ class OMP(Method):
         return idx
 
     def _solve(self, A, y, selected, w_full, lo, hi):
+        """NNLS on the selected columns; returns the full weights and the gathered columns with their order
+        (zero columns where a head has fewer), so the caller can form ``A·w`` without the full design."""
         H, n, T = A.shape
         s = int(selected.sum(-1).max())
         # gather selected columns, padding heads with fewer columns by zero columns (weight irrelevant)
@@ -106,4 +113,4 @@ class OMP(Method):
         w = nnls(As, y, lo, hi, ridge=0.0, prior=init, iters=self.nnls_iters)
         out = torch.zeros_like(w_full)
         out.scatter_(1, order, torch.where(valid_col, w, torch.zeros_like(w)))
-        return out
+        return out, As, order

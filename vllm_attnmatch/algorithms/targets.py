@@ -41,11 +41,13 @@ def visibility(query_positions: torch.Tensor | None, key_positions: torch.Tensor
 def logits(queries: torch.Tensor, keys: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
            visible: torch.Tensor | None = None) -> torch.Tensor:
     """``(H, n, T)`` fp32 logits ``q·k·scale + bias``, ``-inf`` where not visible."""
-    s = torch.bmm(queries.float(), keys.float().transpose(1, 2)) * scale
+    # Scale the (small) queries, then add and mask in place: on CPU each pass over an (H, n, T) tensor
+    # is memory-bound, so the full block's targets cost what the number of passes says.
+    s = torch.bmm(queries.float() * scale, keys.float().transpose(1, 2))
     if bias is not None:
-        s = s + bias.float()[:, None, :]
+        s.add_(bias.float()[:, None, :])
     if visible is not None:
-        s = s.masked_fill(~visible.unsqueeze(0) if visible.dim() == 2 else ~visible, NEG_INF)
+        s.masked_fill_(~visible.unsqueeze(0) if visible.dim() == 2 else ~visible, NEG_INF)
     return s
 
 
@@ -56,9 +58,9 @@ class Targets:
     ``log_mass (H,n)`` is ``log Z(q)`` (``-inf`` for a query that sees no key), ``output (H,n,d)`` the
     block-normalised attention output, ``probs (H,n,T)`` the block softmax (0 where invisible), ``rowmax``
     the per-query max logit used to scale exponentials, ``valid (H,n)`` queries that see at least one key.
+    The logits themselves are not kept: the softmax is built in their memory.
     """
 
-    logits: torch.Tensor
     probs: torch.Tensor
     rowmax: torch.Tensor
     log_mass: torch.Tensor
@@ -71,12 +73,12 @@ def compute_targets(keys, values, queries, scale, bias=None, visible=None) -> Ta
     rowmax = s.amax(dim=-1)
     valid = torch.isfinite(rowmax)
     safe_max = torch.where(valid, rowmax, torch.zeros_like(rowmax))
-    e = (s - safe_max.unsqueeze(-1)).exp_()  # in [0, 1], 0 where invisible
+    e = s.sub_(safe_max.unsqueeze(-1)).exp_()  # in [0, 1], 0 where invisible; in the logits' memory
     z = e.sum(-1)
     probs = e.div_(z.clamp_min(1e-30).unsqueeze(-1))
     output = torch.bmm(probs, values.float())
     log_mass = torch.where(valid, torch.log(z.clamp_min(1e-30)) + safe_max, torch.full_like(z, NEG_INF))
-    return Targets(s, probs, rowmax, log_mass, output, valid)
+    return Targets(probs, rowmax, log_mass, output, valid)
 
 
 def block_attention(queries, keys, values, beta, scale, visible=None):

@@ -5,7 +5,7 @@ Why shrink towards ``V[idx]`` and not towards 0: plain least squares on the row-
 with wide β bounds) and the fit does not transfer to queries it was not fitted on. Pulling towards the kept
 keys' own values makes λ → ∞ exactly eviction, so the held-out choice of λ decides how far to trust the fit
 per head instead of a global constant. λ is data-scaled (``α · tr(XᵀX)/t``) and the whole grid costs one
-eigendecomposition per head.
+Gram matrix and one batched Cholesky factorisation.
 """
 
 from __future__ import annotations
@@ -19,25 +19,40 @@ def ridge_path(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, alphas=DEF
     """Solutions of ``min ||X C − Y||² + λ||C − prior||²`` for each data-scaled ``λ = α·tr(XᵀX)/t``.
 
     ``X (H,n,t)``, ``Y (H,n,d)``, ``prior (H,t,d)``. Returns a list of ``(H,t,d)`` (α = inf → prior).
+
+    One Gram matrix for every α, and one batched Cholesky factorisation of all the ``G + λI`` together
+    (float64): at t ≈ 400 that is ~3× cheaper on CPU than one eigendecomposition of G, which stays as
+    the fallback should a factorisation fail.
     """
     G = torch.bmm(X.transpose(1, 2), X).double()
     R = torch.bmm(X.transpose(1, 2), Y).double()
-    t = G.shape[-1]
+    H, t, d = prior.shape
     scale = (torch.diagonal(G, dim1=1, dim2=2).sum(-1) / t).clamp_min(1e-30)  # mean eigenvalue
-    # One factorisation for every α: (G + λI)⁻¹ = Q (Λ + λ)⁻¹ Qᵀ, and Qᵀ(R + λP) = QᵀR + λ QᵀP.
-    evals, evecs = torch.linalg.eigh(G)
-    evals = evals.clamp_min(0.0)
-    QtR = torch.bmm(evecs.transpose(1, 2), R)
-    QtP = torch.bmm(evecs.transpose(1, 2), prior.double())
-    out = []
+    finite = [a for a in alphas if a != float("inf")]
+    solved: list[torch.Tensor] = []
+    if finite:
+        lam = (torch.tensor(finite, dtype=G.dtype, device=G.device)[:, None] * scale[None, :]).reshape(-1, 1, 1)
+        P = prior.double().repeat(len(finite), 1, 1)
+        system = G.repeat(len(finite), 1, 1)
+        system.diagonal(dim1=1, dim2=2).add_(lam.reshape(-1, 1))
+        L, info = torch.linalg.cholesky_ex(system)
+        if bool((info == 0).all()):
+            sol = torch.cholesky_solve(R.repeat(len(finite), 1, 1) + lam * P, L)
+        else:
+            sol = _eig_solve(G, R, P, lam, len(finite))
+        solved = list(sol.float().reshape(len(finite), H, t, d).unbind(0))
+    out, it = [], iter(solved)
     for a in alphas:
-        if a == float("inf"):
-            out.append(prior.float().clone())
-            continue
-        lam = (a * scale)[:, None, None]
-        rhs = (QtR + lam * QtP) / (evals[:, :, None] + lam)
-        out.append(torch.bmm(evecs, rhs).float())
+        out.append(prior.float().clone() if a == float("inf") else next(it))
     return out
+
+
+def _eig_solve(G, R, P, lam, m):
+    """``(G + λI)⁻¹(R + λP)`` for ``m`` stacked λ through one eigendecomposition of ``G`` (the robust path)."""
+    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = evals.clamp_min(0.0).repeat(m, 1), evecs.repeat(m, 1, 1)
+    rhs = torch.bmm(evecs.transpose(1, 2), R.repeat(m, 1, 1) + lam * P) / (evals[:, :, None] + lam)
+    return torch.bmm(evecs, rhs)
 
 
 def relative_output_error(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

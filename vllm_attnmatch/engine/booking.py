@@ -84,7 +84,7 @@ class Booking:
         if self.settings.log_compactions:
             logger.info(
                 "compacted request %s%s: T=%d -> t=%d (span %d -> %d, method %s, queries %s), %.3f s, "
-                "fit error %.4g, blocks %d -> %d",
+                "fit error %.4g, blocks %d -> %d%s",
                 job.req_id,
                 f" (online #{state.online_count}, logical length {request.num_computed_tokens})" if job.layout.online else "",
                 job.layout.num_tokens,
@@ -97,6 +97,7 @@ class Booking:
                 result.fit_error,
                 len(old),
                 len(dst),
+                (" (" + ", ".join(f"{k} {v:.3f}" for k, v in result.timings.items()) + ")") if result.timings else "",
             )
         return tuple(b.block_id for b in dst)
 

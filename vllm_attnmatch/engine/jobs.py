@@ -217,6 +217,7 @@ class CompactionResult:
     error: str = ""
     query_seconds: float = 0.0  # producing synthetic reference queries (repeat / self_study), included in seconds
     query_source: str = "context"  # the source actually used (a synthetic one falls back to context on error)
+    timings: dict = field(default_factory=dict)  # seconds per component (gather, scoring, beta, values, write, …)
 
 
 SCHEDULER_OUTPUT_ATTR = "attnmatch_plan"

@@ -213,6 +213,25 @@ def layer_index(name: str) -> int:
     return int(match.group(1))
 
 
+class _LayerClock:
+    """Laps of one layer's work into ``totals``; the algorithm's own components arrive in :attr:`inner`
+    and are taken out of the lap they happened in (so ``prepare`` is only the executor's share)."""
+
+    def __init__(self, totals: dict[str, float]) -> None:
+        self.totals, self.inner = totals, {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the time lands where it is spent
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        inner = sum(self.inner.values())
+        for key, seconds in self.inner.items():
+            self.totals[key] = self.totals.get(key, 0.0) + seconds
+        self.totals[name] = self.totals.get(name, 0.0) + max(0.0, now - self._last - inner)
+        self.inner, self._last = {}, now
+
+
 class JobRun:
     """One job on one worker, run a slice of layers at a time (``run_layers``), so that a compaction
     spreads over several engine steps and never freezes the batch (the scheduler holds the request out
@@ -231,6 +250,10 @@ class JobRun:
         self.extra_seconds = extra.seconds if extra is not None else 0.0  # producing synthetic queries
         self.query_source = "context"
         self.seconds = 0.0
+        # Seconds per component over the job's layers: ``gather`` (reading the paged source), the
+        # algorithm's own components (see ``algorithms.base.TIMED_COMPONENTS``), ``prepare`` (the rest of
+        # the executor's work around it) and ``write`` (the new layout into the destination blocks).
+        self.timings: dict[str, float] = {}
         self.error = ""
         self._layers = kv.layer_names()
         self._next = 0
@@ -268,14 +291,16 @@ class JobRun:
     def _run_layer(self, layer: str) -> dict[str, torch.Tensor]:
         """Compact one layer into the destination blocks; returns what was written."""
         job, kv, layout, extra = self.job, self.kv, self.job.layout, self.extra
+        clock = _LayerClock(self.timings)
         keys, values = kv.gather(layer, job.src_block_ids, layout.num_tokens)
+        clock.lap("gather")
         # Captured in the model's dtype to keep them small; the fit works in fp32, one layer at a time.
         queries = self.queries.get(layer)
         queries = queries.float() if queries is not None else None
         if layout.online:
             old_beta = kv.gather_bias(layer, job.src_block_ids, layout.num_tokens).to(keys.device)
             new_keys, new_values, beta, fit_error = compact_layer_online(
-                job, keys, values, old_beta, queries, kv.scale(layer)
+                job, keys, values, old_beta, queries, kv.scale(layer), timings=clock.inner
             )
         else:
             new_keys, new_values, beta, fit_error = compact_layer(
@@ -288,8 +313,11 @@ class JobRun:
                 extra.queries.get(layer) if extra is not None else None,
                 extra.positions if extra is not None else None,
                 layer_index(layer) if job.head_targets is not None else None,
+                timings=clock.inner,
             )
+        clock.lap("prepare")
         kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
+        clock.lap("write")
         self._errors.append(fit_error)
         # This layer's reference queries are spent: free them now rather than at the end of the job.
         if isinstance(self.queries, dict) and not layout.online:
@@ -319,6 +347,7 @@ class JobRun:
             tokens_before=layout.num_tokens,
             tokens_after=layout.physical_len,
             fit_error=sum(finite) / len(finite) if finite else math.nan,
+            timings=dict(self.timings),
         )
 
 

@@ -239,6 +239,7 @@ class AttnMatchRunnerMixin:
                 result,
                 seconds=result.seconds + run.extra_seconds,
                 query_seconds=run.extra_seconds,
+                timings={**result.timings, "reference_queries": run.extra_seconds},
                 query_source=run.query_source,
             )
         result = agree_on_result(result)  # tensor parallel: applied only if it succeeded on every rank
