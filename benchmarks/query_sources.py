@@ -23,6 +23,7 @@ fits, and the reference prefill of the same document (same threads) beside them.
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 from tqdm import tqdm
@@ -149,7 +150,7 @@ def _offline_text(model, decoder, tok, name, args, bar) -> list[dict]:
             if not on_policy:
                 w.queries[variant] = [group_queries(q, H, pos) for q, pos in map(layer_queries, range(model.num_layers))]
                 w.query_s[variant] = query_s
-                row = run_one(w, args.method, ratio, variant)
+                row = run_one(w, args.method, ratio, variant, args.options)
             else:
                 if not synth_rows:
                     raise SystemExit(f"{variant}: on-policy needs a synthetic source (repeat or ss_*)")
@@ -161,7 +162,7 @@ def _offline_text(model, decoder, tok, name, args, bar) -> list[dict]:
                     gq, gpos = group_queries(torch.cat([x for x, _ in qs]), H, torch.cat([p for _, p in qs]))
                     kv = w.cache[layer]
                     r = compact(kv.keys, kv.values, gq, t, args.method, query_positions=gpos,
-                                key_positions=w.key_positions)
+                                key_positions=w.key_positions, **args.options)
                     return LayerKV(r.keys, r.values, r.beta), r
 
                 # the rows are teacher-forced as produced (repeat: its prompt too, queries of all tokens)
@@ -183,7 +184,7 @@ def _offline_markdown(rows, meta, args) -> str:
     from .output import fmt
 
     lines = [f"# Query-source levers, offline ({meta['utc']})", "", f"Command: `{meta['command']}`  ",
-             f"{meta.get('machine', '')} · {args.threads} torch thread(s) · method {args.method} · document "
+             f"{meta.get('machine', '')} · {args.threads} torch thread(s) · method {args.method} {json.dumps(getattr(args, 'options', {}))} · document "
              f"{args.doc_tokens} tokens, continuation {args.cont_tokens} · texts: {', '.join(args.texts)}", "",
              "Cell: mean continuation KL (min–max over texts) · ΔNLL % · texts where the variant beats `context` "
              "(lower KL). Seconds per compaction (mean over texts): producing the queries / compacting all "
@@ -330,6 +331,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", help="results stem (default query_sources_latest; --offline: query_levers)")
     ap.add_argument("--offline", action="store_true", help="the reference forward instead of a server")
     ap.add_argument("--method", default="highest_attention", help="--offline: the AM method")
+    ap.add_argument("--options", type=json.loads, default={},
+                    help='--offline: JSON compact() options of the method (e.g. \'{"recent": 0.5}\')')
     ap.add_argument("--self-study-tokens", type=int, default=48, help="--offline: generated tokens per prompt")
     ap.add_argument("--threads", type=int, default=1, help="--offline: torch threads")
     ap.add_argument("--timing", type=int, nargs="+", metavar="T",

@@ -15,6 +15,7 @@ request of each kind runs first. With ``repeats`` > 1 each number is the minimum
 from __future__ import annotations
 
 import statistics
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -32,6 +33,7 @@ class Config(BaseModel):
     lengths: list[int] = [1024, 2048, 4096, 8064]
     methods: list[str] = ["highest_attention"]
     ratio: float = 0.1
+    queries: Literal["context", "repeat", "self_study"] = "context"  # am_queries of the compacted requests
     decode_tokens: int = 64
     keep_last: int = 16
     repeats: int = 3
@@ -100,7 +102,7 @@ def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
     progress.set_postfix_str("warm-up")
     endpoint.stream(warm, 4, None, f"{run_id}-warm-stock")
     for m in cfg.methods:
-        endpoint.stream(warm, 4, {"am_ratio": cfg.ratio, "am_method": m}, f"{run_id}-warm-{m}")
+        endpoint.stream(warm, 4, {"am_ratio": cfg.ratio, "am_method": m, "am_queries": cfg.queries}, f"{run_id}-warm-{m}")
     rows = []
     for length in cfg.lengths:
         prompt = texts.long_ids(tok, length)
@@ -111,7 +113,7 @@ def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
             progress.update()
             for m in cfg.methods:
                 progress.set_postfix_str(f"L={length} {m}")
-                xargs = {"am_ratio": cfg.ratio, "am_method": m, "am_keep_last": cfg.keep_last}
+                xargs = {"am_ratio": cfg.ratio, "am_method": m, "am_keep_last": cfg.keep_last, "am_queries": cfg.queries}
                 samples[m].append(_timed(endpoint, prompt, cfg, xargs, f"{run_id}-{length}-{m}-{rep}"))
                 progress.update()
         stock = _best(samples["stock"])
@@ -144,7 +146,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Compaction time vs prefill, decode step vs KV length{' (quick smoke run)' if result.get('quick') else ''}", "",
         f"`{result['meta']['command']}`  ", describe(result["meta"]), "",
-        (f"Ratio {cfg['ratio']}, {cfg['decode_tokens']} greedy output tokens per request, best of {cfg['repeats']}. "
+        (f"Ratio {cfg['ratio']}, {cfg.get('queries', 'context')} reference queries, {cfg['decode_tokens']} greedy "
+         f"output tokens per request, best of {cfg['repeats']}. "
         "Prefill = stock time to first token (client side); vLLM prefill = vLLM's own prefill-time metric. "
         "KV entries = the compacted request's physical KV entries when decoding starts (compacted prefix, "
         f"padded to whole {result['block_size']}-token blocks, plus the raw end of the prompt)."), "",

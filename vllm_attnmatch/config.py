@@ -178,6 +178,10 @@ class ServerConfig(BaseModel):
     # Self-study prompt family (worker/query_sources.PROMPT_FAMILIES): tasks | continue | mixed. "continue"
     # won on the DEV texts (benchmarks/results/query_levers_dev.md).
     self_study_prompts: Literal["tasks", "continue", "mixed"] = Field(default="continue", description="tasks | continue | mixed")
+    # With a synthetic source (repeat / self_study): fit layer l on the queries its tokens produce through
+    # layers < l already compacted, all layers in ONE teacher-forced pass (algorithms/on_policy.py), instead
+    # of on queries of the full cache. Lower KL on the DEV texts, at the cost of that pass.
+    on_policy: bool = False
     min_prompt_tokens: int = Field(default=32, ge=1, le=MAX_TOKENS_BOUND)
     # A compaction runs over several engine steps, this many layers per step while other requests are
     # scheduled (all remaining layers when nothing else runs), so that it never freezes the batch.

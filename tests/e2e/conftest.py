@@ -3,7 +3,7 @@
 Three servers start together (startup dominates on 2 cores): ``plugin_server`` with the plugin on,
 ``stock_server`` with the plugin installed but no ``attnmatch`` section, which must behave exactly like
 stock vLLM, and ``tiny_pool_server`` (plugin on, a 12-block KV pool) where eviction and preemption
-happen. All use identical engine flags, so their greedy tokens are comparable.
+happen, and where synthetic-query requests are fitted on-policy. All use identical engine flags, so their greedy tokens are comparable.
 
 They are launched the ways a user may launch them: ``plugin_server`` with the documented command line
 (``vllm-attnmatch serve MODEL --attnmatch default``, the console script), ``tiny_pool_server`` with the
@@ -23,6 +23,8 @@ TEXT_PATH = Path("/usr/share/common-licenses/GPL-3")
 
 
 PLUGIN_CONFIG = {"attnmatch": {"preset": "default"}}
+# The tiny pool also fits synthetic-query requests on-policy (server setting `on_policy`).
+TINY_CONFIG = {"attnmatch": {"preset": "default", "on_policy": True}}
 # `--attnmatch default`: the bare preset name, exactly as the README writes it.
 PLUGIN_FLAG = {"attnmatch": "default"}
 
@@ -43,7 +45,7 @@ def _servers(model_dir):
         # A pool of 12 blocks (11 usable, 1408 token slots) and 512-token prefill chunks: eviction,
         # preemption and multi-chunk prefills happen on purpose.
         "tiny": Server(
-            "tiny", model_dir, PLUGIN_CONFIG,
+            "tiny", model_dir, TINY_CONFIG,
             ["--enforce-eager", "--num-gpu-blocks-override", "12", "--max-num-batched-tokens", "512"],
             max_model_len=1408, config_via="additional-config",
         ),

@@ -36,6 +36,26 @@ def test_a_compacted_request_reports_t_to_t_method_and_seconds(plugin_server, do
     assert report["tokens_after"] < report["tokens_before"]
     assert report["blocks_after"] < report["blocks_before"]
     assert report["seconds"] > 0 and not report["prefix_hit"]
+    parts = report["seconds_by_component"]  # where the workers' seconds went
+    assert {"gather", "scoring", "beta", "values", "write"} <= set(parts)
+    assert 0.5 * report["seconds"] <= sum(parts.values()) <= report["seconds"] * 1.01 + 1e-3
+
+
+def test_an_on_policy_compaction_reports_its_source_and_its_pass(tiny_pool_server, document):
+    """The tiny-pool server runs with ``on_policy``: a self_study request is compacted by the one
+    teacher-forced pass (layer l fitted on queries that went through compacted layers < l)."""
+    client = tiny_pool_server.client()
+    before = tiny_pool_server.metrics()
+    reply = client.completions.create(
+        model="smollm2", prompt=document, max_tokens=4, temperature=0,
+        extra_body={"vllm_xargs": {"am_ratio": 0.1, "am_queries": "self_study", "am_keep_first": 5}},
+    )
+    report = _report(tiny_pool_server, reply.id)
+    after = tiny_pool_server.metrics()
+    assert report["status"] == "compacted" and report["queries"] == "self_study on-policy"
+    assert {"reference_queries", "on_policy_forward", "scoring", "values", "write"} <= set(report["seconds_by_component"])
+    assert after["failures"] == before["failures"]
+    assert after["reference_query_seconds"] > before["reference_query_seconds"]
 
 
 def test_the_same_document_again_reports_a_compacted_prefix_hit(plugin_server, document):

@@ -241,13 +241,17 @@ class JobRun:
     layer's slice has run, so every rank ends a job on the same step whatever happened to it.
     """
 
-    def __init__(self, job: CompactionJob, kv: PagedKV, queries, query_positions, extra=None) -> None:
+    def __init__(self, job: CompactionJob, kv: PagedKV, queries, query_positions, extra=None, compacted=None) -> None:
         self.job = job
         self.kv = kv
         self.queries = queries
         self.query_positions = query_positions
         self.extra = extra
         self.extra_seconds = extra.seconds if extra is not None else 0.0  # producing synthetic queries
+        # On-policy jobs arrive compacted (worker/synthetic.OnPolicyLayers): their slices only write.
+        self.compacted = compacted
+        self.query_seconds: float | None = None  # of extra_seconds, producing reference queries (None: all)
+        self.extra_timings: dict[str, float] | None = None  # components of extra_seconds
         self.query_source = "context"
         self.seconds = 0.0
         # Seconds per component over the job's layers: ``gather`` (reading the paged source), the
@@ -292,6 +296,9 @@ class JobRun:
         """Compact one layer into the destination blocks; returns what was written."""
         job, kv, layout, extra = self.job, self.kv, self.job.layout, self.extra
         clock = _LayerClock(self.timings)
+        if self.compacted is not None:
+            new_keys, new_values, beta, fit_error = self.compacted.layers.pop(layer)
+            return self._write(layer, clock, new_keys, new_values, beta, fit_error)
         keys, values = kv.gather(layer, job.src_block_ids, layout.num_tokens)
         clock.lap("gather")
         # Captured in the model's dtype to keep them small; the fit works in fp32, one layer at a time.
@@ -316,17 +323,20 @@ class JobRun:
                 timings=clock.inner,
             )
         clock.lap("prepare")
-        kv.write(layer, job.dst_block_ids, new_keys, new_values, beta)
+        return self._write(layer, clock, new_keys, new_values, beta, fit_error)
+
+    def _write(self, layer: str, clock: _LayerClock, new_keys, new_values, beta, fit_error) -> dict[str, torch.Tensor]:
+        self.kv.write(layer, self.job.dst_block_ids, new_keys, new_values, beta)
         clock.lap("write")
         self._errors.append(fit_error)
         # This layer's reference queries are spent: free them now rather than at the end of the job.
-        if isinstance(self.queries, dict) and not layout.online:
+        if isinstance(self.queries, dict) and not self.job.layout.online:
             self.queries.pop(layer, None)
         return {"keys": new_keys, "values": new_values, "beta": beta}
 
     def release(self) -> None:
         """Drop the captured queries (a failed or cancelled job keeps nothing alive)."""
-        self.queries, self.query_positions, self.extra, self._dump = {}, None, None, {}
+        self.queries, self.query_positions, self.extra, self.compacted, self._dump = {}, None, None, None, {}
 
     def result(self) -> CompactionResult:
         layout = self.job.layout

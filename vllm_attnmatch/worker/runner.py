@@ -216,11 +216,17 @@ class AttnMatchRunnerMixin:
                 run.error = str(exc)
                 self._am_inflight[job.req_id] = run
                 continue
-            extra, source = None, "context"
+            extra, source, compacted = None, "context", None
             if job.queries != "context" and not job.layout.online:
-                queries, positions, extra, source = self._synthetic_queries(job, queries, positions)
-            run = JobRun(job, self._am_kv, queries, positions, extra)
+                queries, positions, extra, source, compacted = self._synthetic_queries(job, queries, positions)
+            run = JobRun(job, self._am_kv, queries, positions, extra, compacted)
             run.query_source = source
+            if compacted is not None:
+                fits = sum(compacted.timings.values())
+                run.extra_seconds = compacted.query_seconds + compacted.pass_seconds
+                run.query_seconds = compacted.query_seconds + max(0.0, compacted.pass_seconds - fits)
+                run.extra_timings = {**compacted.timings, "reference_queries": compacted.query_seconds,
+                                     "on_policy_forward": max(0.0, compacted.pass_seconds - fits)}
             self._am_inflight[job.req_id] = run
         for req_id, count in plan.slices.items():
             run = self._am_inflight.get(req_id)
@@ -238,8 +244,8 @@ class AttnMatchRunnerMixin:
             result = dataclasses.replace(
                 result,
                 seconds=result.seconds + run.extra_seconds,
-                query_seconds=run.extra_seconds,
-                timings={**result.timings, "reference_queries": run.extra_seconds},
+                query_seconds=run.query_seconds if run.query_seconds is not None else run.extra_seconds,
+                timings={**result.timings, **(run.extra_timings or {"reference_queries": run.extra_seconds})},
                 query_source=run.query_source,
             )
         result = agree_on_result(result)  # tensor parallel: applied only if it succeeded on every rank
@@ -259,12 +265,17 @@ class AttnMatchRunnerMixin:
             if self._am_producer is None:
                 self._am_producer = SyntheticQueryProducer.for_model(self.vllm_config.model_config, settings)
             request = self.requests[job.req_id]
+            if settings.on_policy:
+                mixed, mixed_positions = cap_rows(queries, positions, settings.query_mix.get("context", 0))
+                compacted = self._am_producer.produce_on_policy(
+                    job, self._am_kv, list(request.prompt_token_ids), mixed, mixed_positions)
+                return {}, None, None, f"{job.queries} on-policy", compacted
             extra = self._am_producer.produce(job, self._am_kv, list(request.prompt_token_ids))
         except Exception as exc:  # noqa: BLE001 - fall back to context queries
             logger.warning("am_queries=%s unavailable for %s (%s); using context queries", job.queries, job.req_id, exc)
-            return queries, positions, None, "context"
+            return queries, positions, None, "context", None
         queries, positions = cap_rows(queries, positions, settings.query_mix.get("context", 0))
-        return queries, positions, extra, job.queries
+        return queries, positions, extra, job.queries, None
 
     def _am_settings(self):
         from vllm_attnmatch.config import ServerConfig, server_config_from

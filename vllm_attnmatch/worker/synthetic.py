@@ -14,12 +14,14 @@ else falls back to context queries with a warning. ``self_study`` decodes all it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
+from vllm_attnmatch.algorithms.on_policy import on_policy_pass
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
-from vllm_attnmatch.worker.executor import layer_index
+from vllm_attnmatch.worker.executor import compact_layer, layer_index
 from vllm_attnmatch.worker.query_sources import (
     PROMPT_FAMILIES,
     REPEAT_PROMPT,
@@ -36,6 +38,18 @@ class ExtraQueries:
     queries: dict[str, torch.Tensor]
     positions: torch.Tensor
     seconds: float
+
+
+@dataclass
+class OnPolicyLayers:
+    """One job compacted on-policy: layer name -> ``(keys, values, β, fit error)`` in the full new layout
+    (what the executor writes), produced by one teacher-forced pass; and what it cost."""
+
+    layers: dict[str, tuple]
+    query_seconds: float  # producing the rows (self-study generation)
+    pass_seconds: float  # the pass, every layer's fit included
+    timings: dict = field(default_factory=dict)  # the fits' components, summed over layers
+    rows: list = field(default_factory=list)  # the teacher-forced rows: (token ids, logical positions)
 
 
 class SyntheticQueryProducer:
@@ -56,7 +70,8 @@ class SyntheticQueryProducer:
         tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
         return cls(model, tokenizer, settings)
 
-    def produce(self, job, kv, prompt_ids: list[int]) -> ExtraQueries:
+    def _prefix_cache(self, job, kv) -> tuple[list[str], list[LayerKV], torch.device | None]:
+        """The request's KV up to the span end, per layer in layer order, as CPU fp32 for the reference forward."""
         end = job.layout.span_end
         names = sorted(kv.layer_names(), key=layer_index)
         if len(names) != self.model.num_layers:
@@ -67,6 +82,58 @@ class SyntheticQueryProducer:
             device = keys.device  # the reference forward runs on the CPU copy of the weights
             keys, values = keys.float().cpu(), values.float().cpu()
             cache.append(LayerKV(keys, values, torch.zeros(keys.shape[:2])))
+        return names, cache, device
+
+    def produce_on_policy(self, job, kv, prompt_ids: list[int], queries: dict, positions) -> OnPolicyLayers:
+        """Compact every layer of ``job`` on-policy (``on_policy`` setting): the source's rows (self-study
+        prompts with their greedy answers, or the repeat prompt with the context) are produced first, then
+        teacher-forced once; when the pass reaches layer l it is compacted right there, on the context's
+        own queries (``queries``, already capped by ``query_mix``) plus the rows' queries at layer l, which
+        went through the compacted layers < l. Same maths as the offline study (``benchmarks
+        query-sources --offline``, variant ``onpolicy:context@256+ss_continue``)."""
+        layout = job.layout
+        names, cache, _ = self._prefix_cache(job, kv)
+        end = layout.span_end
+        context = prompt_ids[:end]
+        started = time.perf_counter()
+        if job.queries == "self_study":
+            made = self_study_batched(self.model, cache, build_prompts(self.family, self.encode, context),
+                                      self.settings.self_study_tokens, self.settings.self_study_seconds)
+            rows = [(ids[hide:], pos[hide:]) for ids, pos, hide in made.info["rows"]]
+            skip = [0] * len(rows)
+        elif job.queries == "repeat":
+            repeated = self.repeat_prompt + context[: self.settings.repeat_max_tokens]
+            rows, skip = [(repeated, torch.arange(end, end + len(repeated)))], [len(self.repeat_prompt)]
+        else:
+            raise ValueError(f"on-policy needs a synthetic query source, not {job.queries!r}")
+        query_seconds = time.perf_counter() - started
+        # The prompt of a repeat row is fed but not fitted on (as off-policy).
+        used = torch.cat([torch.arange(len(ids)) >= k for (ids, _), k in zip(rows, skip)])
+        layers: dict[str, tuple] = {}
+        timings: dict[str, float] = {}
+
+        def compact_here(index: int, row_queries: torch.Tensor, row_positions: torch.Tensor):
+            name = names[index]
+            keys, values = kv.gather(name, job.src_block_ids, layout.num_tokens)
+            own = queries.get(name)
+            new_keys, new_values, beta, error = compact_layer(
+                job, keys, values, own.float() if own is not None else None, positions, kv.scale(name),
+                row_queries[used], row_positions[used],
+                layer_index(name) if job.head_targets is not None else None, timings=timings,
+            )
+            layers[name] = (new_keys, new_values, beta, error)
+            # The rows go on over the compacted prefix (sinks, compacted span, padding with β = -inf).
+            prefix = layout.prefix_physical_len
+            return LayerKV(new_keys[:, :prefix].float().cpu(), new_values[:, :prefix].float().cpu(),
+                           beta[:, :prefix].float().cpu()), error
+
+        started = time.perf_counter()
+        on_policy_pass(self.model, cache, rows, compact_here)
+        return OnPolicyLayers(layers, query_seconds, time.perf_counter() - started, timings, rows)
+
+    def produce(self, job, kv, prompt_ids: list[int]) -> ExtraQueries:
+        end = job.layout.span_end
+        names, cache, device = self._prefix_cache(job, kv)
         context = prompt_ids[:end]
         if job.queries == "repeat":
             made = repeat_queries(self.model, cache, context, self.repeat_prompt, self.settings.repeat_max_tokens)
