@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     prompt = texts.long_ids(tok, args.prompt_tokens, offset=11)
-    server = Server("capmem", model, {"attnmatch": {"preset": "default"}}, max_model_len=args.prompt_tokens + 256).wait_ready()
+    server = Server("capmem", model, {"attnmatch": {"preset": "default"}}, max_model_len=args.prompt_tokens + 256,
+                    dumps=False).wait_ready()
     try:
         client = server.client()
         client.completions.create(model="smollm2", prompt=texts.long_ids(tok, 256), max_tokens=2, temperature=0)

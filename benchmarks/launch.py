@@ -78,6 +78,7 @@ class Server:
         *,
         config_via: str = "flag",
         console_script: bool = False,
+        dumps: bool = True,
     ):
         self.name = name
         self.port = _free_port()
@@ -92,12 +93,10 @@ class Server:
             *config_args(additional_config, config_via),
         ]
         self.command = args
-        env = dict(
-            os.environ,
-            VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
-            VLLM_ATTNMATCH_DUMP_DIR=str(self.dump_dir),
-            **(extra_env or {}),
-        )
+        # Debug dumps of every compacted layer feed the tests' parity checks; benchmarks run without them.
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), **(extra_env or {}))
+        if dumps:
+            env["VLLM_ATTNMATCH_DUMP_DIR"] = str(self.dump_dir)
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self._ready = False

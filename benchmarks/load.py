@@ -30,8 +30,8 @@ def main(argv=None) -> int:
 
     meta = stamp()
     model = ensure_model()
-    plugin = Server("load-plugin", model, PLUGIN, ["--enforce-eager"], kv_cache_gib=1)
-    stock = Server("load-stock", model, None, ["--enforce-eager"], kv_cache_gib=1)
+    plugin = Server("load-plugin", model, PLUGIN, ["--enforce-eager"], kv_cache_gib=1, dumps=False)
+    stock = Server("load-stock", model, None, ["--enforce-eager"], kv_cache_gib=1, dumps=False)
     try:
         plugin.wait_ready()
         stock.wait_ready()

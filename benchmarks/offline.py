@@ -133,7 +133,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines += sets.lines(sub, "dnll_pct", "+.2f", "ΔNLL % of full NLL", labels)
     if any(r.get("options") for r in rows):
         lines += ["## Options of each variant", ""] + [
-            f"- `{m}`: `{r['base_method']}` {json.dumps(r['options'])}" for m in labels
+            f"- `{m}`: `{r.get('base_method', m)}` {json.dumps(r.get('options') or {})}" for m in labels
             for r in [next(x for x in rows if x["method"] == m)]] + [""]
     lines += ["## Per text", ""]
     ratios = sorted({r["ratio"] for r in rows}, reverse=True)
@@ -157,8 +157,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 cells = []
                 for x in ratios:
                     c = [r for r in sub if r["method"] == m and r["ratio"] == x]
-                    cells.append(f"{c[0]['top1']:.3f} / {c[0]['attn_out_err']:.3f} / {c[0]['attn_mass_err']:.2f} / "
-                                 f"{c[0]['compact_s']:.2f}" if c else "–")
+                    fmt = lambda key, spec: f"{c[0][key]:{spec}}" if c[0].get(key) is not None else "–"  # noqa: E731
+                    cells.append(f"{fmt('top1', '.3f')} / {fmt('attn_out_err', '.3f')} / {fmt('attn_mass_err', '.2f')} / "
+                                 f"{fmt('compact_s', '.2f')}" if c else "–")
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -211,6 +212,11 @@ def main(argv=None) -> None:
     ap.add_argument("--merge", nargs="+", metavar="STEM",
                     help="only merge the rows of these results files (stems in benchmarks/results/ or .json paths, "
                          "e.g. runs split over processes) into --prefix, with the per-set summary")
+    ap.add_argument("--only", nargs="+", metavar="METHOD",
+                    help="--merge: keep only the rows of these methods (labels)")
+    ap.add_argument("--levers", nargs="+", metavar="STEM:VARIANT=LABEL", default=[],
+                    help="--merge: also take the rows of a query-sources --offline study (e.g. an on-policy "
+                         "variant, which this harness cannot run) under the method label LABEL")
     args = ap.parse_args(argv)
     if args.merge:
         rows, commands = [], []
@@ -220,6 +226,24 @@ def main(argv=None) -> None:
                 raise SystemExit(f"--merge: no results file {stem!r} in {output.RESULTS}")
             rows += data["rows"]
             commands += data.get("merged") or [data["meta"]["command"]]
+        if args.only:
+            rows = [r for r in rows if r["method"] in args.only]
+        for spec in args.levers:
+            stem, _, rest = spec.partition(":")
+            variant, _, label = rest.partition("=")
+            data = output.read(stem)
+            if data is None or not label:
+                raise SystemExit(f"--levers {spec!r}: give STEM:VARIANT=LABEL with a results stem of query-sources --offline")
+            options = {**(data.get("config", {}).get("options") or {}), "queries": variant}
+            taken = [dict(r, method=label, base_method=r["method"], source="context", options=options)
+                     for r in data["rows"] if r.get("variant", r.get("source")) == variant]
+            if not taken:
+                raise SystemExit(f"--levers {spec!r}: no rows of variant {variant!r} in {stem}")
+            rows += taken
+            runs = data.get("meta", {}).get("merged") or [data["meta"]["command"]]
+            commands += [f"{c}  ({variant} rows as {label})" for c in runs]
+        # One row per cell: a cell measured again in a later file replaces the earlier one.
+        rows = list({(r["text"], r["source"], r["method"], r["ratio"]): r for r in rows}.values())
         rows, dropped = complete_texts(rows)
         if dropped:
             print(f"left out (not every method × ratio measured, e.g. an interrupted run): {', '.join(dropped)}")

@@ -67,7 +67,8 @@ def main(argv=None) -> None:
     meta = stamp()
     folder = ensure_model()
     prompt_ids = texts.token_ids(texts.tokenizer(str(folder)), "GPL-3")[: args.prompt_tokens]
-    server = Server("online-bench", folder, {"attnmatch": {"preset": "default"}}, ["--enforce-eager"]).wait_ready()
+    server = Server("online-bench", folder, {"attnmatch": {"preset": "default"}}, ["--enforce-eager"],
+                    dumps=False).wait_ready()
     try:
         client = server.client()
         runs = {}

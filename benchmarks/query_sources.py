@@ -375,7 +375,7 @@ def main(argv=None) -> None:
     for config, variants in servers:
         if not variants:
             continue
-        server = Server("query-sources", folder, {"attnmatch": config}, ["--enforce-eager"]).wait_ready()
+        server = Server("query-sources", folder, {"attnmatch": config}, ["--enforce-eager"], dumps=False).wait_ready()
         try:
             cells += _cells(Endpoint(server.url), tokenizer, args.texts, args.ratios, variants, args.doc_tokens,
                             args.cont_tokens, progress)

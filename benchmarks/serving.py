@@ -245,7 +245,7 @@ class Servers:
         print(f"starting server '{spec.name}' ({' '.join(spec.extra_args) or 'default flags'}); about a minute on CPU",
               file=sys.stderr, flush=True)
         self._server = Server(f"bench-{spec.name}", ensure_model(), config, list(spec.extra_args),
-                              kv_cache_gib=spec.kv_cache_gib, max_model_len=spec.max_model_len)
+                              kv_cache_gib=spec.kv_cache_gib, max_model_len=spec.max_model_len, dumps=False)
         self._server.wait_ready()
         self._endpoint = Endpoint(self._server.url, "smollm2", spec)
         return self._endpoint

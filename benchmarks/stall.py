@@ -128,7 +128,8 @@ def main(argv=None) -> None:
         section = {"preset": "default"}
         if args.layers_per_step is not None:
             section["compaction_layers_per_step"] = args.layers_per_step
-        server = Server("stall", model, {"attnmatch": section}, max_model_len=args.prompt_tokens + 256).wait_ready()
+        server = Server("stall", model, {"attnmatch": section}, max_model_len=args.prompt_tokens + 256,
+                        dumps=False).wait_ready()
         client = server.client()
     try:
         measure(client, texts.long_ids(tokenizer, 200), None)  # warm-up

@@ -55,20 +55,30 @@ def fidelity_block(result: dict | None) -> list[str]:
     ]
 
 
-#: The corpus study behind the README's headline, and which of its method names is which preset.
-CORPUS_RESULTS = ("offline_corpus_test", "offline_corpus_dev", "offline_corpus_quality")
-PRESET_METHODS = {"default": "highest_attention", "quality": "omp_recent50", "paper": "paper"}
+#: The corpus studies behind the README's headline (one merged file per document length, longest first),
+#: and which of their method labels is which preset.
+CORPUS_RESULTS = ("offline_corpus_1024", "offline_corpus_512")
+PRESET_METHODS = {"default": "preset:default", "quality": "preset:quality", "fast": "preset:fast", "paper": "preset:paper"}
 
 
 def headline_block(results: list[dict | None]) -> list[str]:
     """The README's one result: each preset's continuation KL on the TEST texts (mean [min–max], and the
-    change against the best published-strength baseline), DEV beside it, from the offline corpus study."""
+    change against the best published-strength baseline), DEV beside it, from each offline corpus study."""
     results = [r for r in results if r]
     if not results:
         return ["*Not measured yet* — run `python -m benchmarks offline --texts test dev ...` (see docs/benchmarks.md)."]
-    rows = [row for r in results for row in r["rows"]]
+    out: list[str] = []
+    for result in results:
+        out += _corpus_table(result) + [""]
+    return out[:-1]
+
+
+def _corpus_table(result: dict) -> list[str]:
+    rows = result["rows"]
     summary = sets.per_set(rows, "kl")
     ratios = sorted({row["ratio"] for row in rows}, reverse=True)
+    doc_tokens = sorted({row["T"] for row in rows})
+    stem = result.get("stem", "")
 
     def kl(set_name: str, method: str, ratio: float) -> dict[str, float]:
         return {row["text"]: row["kl"] for row in rows
@@ -93,22 +103,26 @@ def headline_block(results: list[dict | None]) -> list[str]:
 
     body = []
     for preset, method in PRESET_METHODS.items():
-        body.append([f"`{preset}`"] + [f"{cell('test', method, x, True)} · dev {cell('dev', method, x, True)}"
-                                      for x in ratios])
+        if any(row["method"] == method for row in rows):
+            body.append([f"`{preset}`"] + [f"{cell('test', method, x, True)} · dev {cell('dev', method, x, True)}"
+                                          for x in ratios])
     best = []
-    for x in ratios:
+    for x in ratios:  # each set's own best baseline (the one the percentages compare with)
         name, _ = sets.best_baseline(summary.get("test", {}), x)
-        best.append(f"{cell('test', name, x, False)} {name} · dev {cell('dev', name, x, False)}" if name else "–")
+        dev_name, _ = sets.best_baseline(summary.get("dev", {}), x)
+        dev = f" · dev {cell('dev', dev_name, x, False)} {dev_name}" if dev_name else ""
+        best.append(f"{cell('test', name, x, False)} {name}{dev}" if name else "–")
     body.append(["best published baseline"] + best)
-    meta = results[0]["meta"]
+    meta = result["meta"]
     count = {name: len({row["text"] for row in rows if sets.set_name(row["text"]) == name}) for name in ("test", "dev")}
+    size = "/".join(str(t) for t in doc_tokens)
     return [
-        f"Continuation KL(full ‖ compacted) per token, lower is better, mean over the {count['test']} TEST texts "
-        "[min–max] (change against the best published-strength baseline of H2O, SnapKV, TOVA, StreamingLLM at "
-        f"the same budget) · the same on the {count['dev']} DEV texts, on which every default was chosen. "
-        f"SmolLM2-135M, 512-token documents, offline reference forward ([how](docs/benchmarks.md), {describe(meta)}):", "",
-        *output.table(["preset"] + [f"r = {x:g}" for x in ratios], body), "",
-        f"![continuation KL vs ratio on the TEST texts]({LINK}/offline_corpus_test.png)",
+        f"**{size}-token documents.** Continuation KL(full ‖ compacted) per token, lower is better, mean over the "
+        f"{count['test']} TEST texts [min–max] (change against the best published-strength baseline of H2O, SnapKV, "
+        f"TOVA, StreamingLLM at the same budget) · the same on the {count['dev']} DEV texts, on which every default "
+        f"was chosen. SmolLM2-135M, offline reference forward ([how](docs/benchmarks.md), [rows]({LINK}/{stem}.md), "
+        f"{describe(meta)}):", "",
+        *output.table(["preset"] + [f"r = {x:g}" for x in ratios], body),
     ]
 
 
@@ -132,6 +146,10 @@ def memory_block(result: dict | None) -> list[str]:
             f"![concurrency in a small pool]({LINK}/memory_latest.png)", "", *table]
 
 
+def _with_stem(result: dict | None, stem: str) -> dict | None:
+    return {**result, "stem": stem} if result else None
+
+
 def snippet(path: Path) -> str:
     """A study's ``<name>_latest.md`` as it stands, without its ``#`` title (the README has its own)."""
     return "\n".join(line for line in path.read_text().splitlines() if not line.startswith("# ")).strip()
@@ -142,7 +160,7 @@ def sections(directory: Path = output.RESULTS, readme: str = "") -> dict[str, st
     of ``readme`` that has a ``<name>_latest.md`` in ``directory`` from that file."""
     fidelity_result = output.read("fidelity_latest", directory)
     out = {
-        "headline": "\n".join(headline_block([output.read(n, directory) for n in CORPUS_RESULTS])),
+        "headline": "\n".join(headline_block([_with_stem(output.read(n, directory), n) for n in CORPUS_RESULTS])),
         "fidelity": "\n".join(fidelity_block(fidelity_result)),
         "speed": "\n".join(speed_block(output.read("speed_latest", directory))),
         "memory": "\n".join(memory_block(output.read("memory_latest", directory))),
