@@ -120,6 +120,8 @@ def run_suites(args: argparse.Namespace) -> list[dict]:
         for name in names:
             module, cfg = suite_module(name), configs[name]
             endpoint = servers.get(module.spec(cfg)) if hasattr(module, "spec") else None
+            # Described now: a suite may go on to other servers (fidelity's presets), stopping this one.
+            server_info = endpoint.describe() if endpoint else None
             meta = stamp()
             with tqdm(total=module.steps(cfg), desc=name, unit="cell") as bar:
                 try:
@@ -129,7 +131,7 @@ def run_suites(args: argparse.Namespace) -> list[dict]:
                     print(exc)
                     continue
             result = {"suite": name, "quick": args.quick, "meta": meta,
-                      "server": endpoint.describe() if endpoint else None, "config": cfg.model_dump(), **data}
+                      "server": server_info, "config": cfg.model_dump(), **data}
             markdown = module.markdown(result)
             paths = output.write(result, output.stem(name, args.quick, args.tag), markdown, module.plot)
             print(markdown)
