@@ -68,7 +68,7 @@ def test_the_engine_compacts_layer_l_on_the_queries_that_reach_it_through_compac
 
     made = producer.produce_on_policy(job, kv, ids, queries, positions)
     assert set(made.layers) == set(kv.layer_names()) and made.rows
-    assert made.query_seconds > 0 and made.pass_seconds > 0 and {"scoring", "beta", "values"} <= set(made.timings)
+    assert made.generation_seconds > 0 and made.pass_seconds > 0 and {"scoring", "beta", "values"} <= set(made.fit_timings)
 
     # Off-policy reference: the same rows' queries over the FULL cache, layer by layer.
     seen = {}

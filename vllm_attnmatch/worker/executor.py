@@ -11,6 +11,7 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -213,6 +214,21 @@ def layer_index(name: str) -> int:
     return int(match.group(1))
 
 
+@dataclass(frozen=True)
+class SourceCost:
+    """What a synthetic reference-query source cost (``worker/synthetic``'s ``ExtraQueries`` or
+    ``OnPolicyLayers``): all its seconds, the part that produced reference queries, and by component.
+    Numbers only, so a released job keeps none of the source's tensors."""
+
+    seconds: float
+    query_seconds: float
+    components: dict
+
+    @classmethod
+    def of(cls, source) -> SourceCost | None:
+        return None if source is None else cls(source.seconds, source.query_seconds, dict(source.components))
+
+
 class _LayerClock:
     """Laps of one layer's work into ``totals``; the algorithm's own components arrive in :attr:`inner`
     and are taken out of the lap they happened in (so ``prepare`` is only the executor's share)."""
@@ -247,11 +263,10 @@ class JobRun:
         self.queries = queries
         self.query_positions = query_positions
         self.extra = extra
-        self.extra_seconds = extra.seconds if extra is not None else 0.0  # producing synthetic queries
         # On-policy jobs arrive compacted (worker/synthetic.OnPolicyLayers): their slices only write.
         self.compacted = compacted
-        self.query_seconds: float | None = None  # of extra_seconds, producing reference queries (None: all)
-        self.extra_timings: dict[str, float] | None = None  # components of extra_seconds
+        # What the synthetic source cost before the first slice, added to the result when the job ends.
+        self.source_cost = SourceCost.of(extra if extra is not None else compacted)
         self.query_source = "context"
         self.seconds = 0.0
         # Seconds per component over the job's layers: ``gather`` (reading the paged source), the
@@ -340,24 +355,17 @@ class JobRun:
 
     def result(self) -> CompactionResult:
         layout = self.job.layout
-        if self.error or not self.done:
-            return CompactionResult(
-                req_id=self.job.req_id,
-                ok=False,
-                seconds=self.seconds,
-                tokens_before=layout.num_tokens,
-                tokens_after=layout.num_tokens,
-                error=self.error or "the job did not run every layer",
-            )
+        failed = bool(self.error) or not self.done
         finite = [e for e in self._errors if math.isfinite(e)]
         return CompactionResult(
             req_id=self.job.req_id,
-            ok=True,
+            ok=not failed,
             seconds=self.seconds,
             tokens_before=layout.num_tokens,
-            tokens_after=layout.physical_len,
-            fit_error=sum(finite) / len(finite) if finite else math.nan,
-            timings=dict(self.timings),
+            tokens_after=layout.num_tokens if failed else layout.physical_len,
+            fit_error=sum(finite) / len(finite) if finite and not failed else math.nan,
+            error=(self.error or "the job did not run every layer") if failed else "",
+            timings={} if failed else dict(self.timings),
         )
 
 

@@ -221,12 +221,6 @@ class AttnMatchRunnerMixin:
                 queries, positions, extra, source, compacted = self._synthetic_queries(job, queries, positions)
             run = JobRun(job, self._am_kv, queries, positions, extra, compacted)
             run.query_source = source
-            if compacted is not None:
-                fits = sum(compacted.timings.values())
-                run.extra_seconds = compacted.query_seconds + compacted.pass_seconds
-                run.query_seconds = compacted.query_seconds + max(0.0, compacted.pass_seconds - fits)
-                run.extra_timings = {**compacted.timings, "reference_queries": compacted.query_seconds,
-                                     "on_policy_forward": max(0.0, compacted.pass_seconds - fits)}
             self._am_inflight[job.req_id] = run
         for req_id, count in plan.slices.items():
             run = self._am_inflight.get(req_id)
@@ -240,12 +234,13 @@ class AttnMatchRunnerMixin:
     def _finish_job(self, run: JobRun) -> CompactionResult:
         """The result of a job whose last layer slice ran on this step (every rank reaches it together)."""
         result = run.result()
-        if run.extra_seconds:
+        cost = run.source_cost
+        if cost is not None:
             result = dataclasses.replace(
                 result,
-                seconds=result.seconds + run.extra_seconds,
-                query_seconds=run.query_seconds if run.query_seconds is not None else run.extra_seconds,
-                timings={**result.timings, **(run.extra_timings or {"reference_queries": run.extra_seconds})},
+                seconds=result.seconds + cost.seconds,
+                query_seconds=cost.query_seconds,
+                timings={**result.timings, **cost.components},
                 query_source=run.query_source,
             )
         result = agree_on_result(result)  # tensor parallel: applied only if it succeeded on every rank

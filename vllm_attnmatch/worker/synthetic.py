@@ -39,17 +39,46 @@ class ExtraQueries:
     positions: torch.Tensor
     seconds: float
 
+    @property
+    def query_seconds(self) -> float:
+        """Of :attr:`seconds`, producing reference queries: all of it."""
+        return self.seconds
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {"reference_queries": self.seconds}
+
 
 @dataclass
 class OnPolicyLayers:
     """One job compacted on-policy: layer name -> ``(keys, values, β, fit error)`` in the full new layout
-    (what the executor writes), produced by one teacher-forced pass; and what it cost."""
+    (what the executor writes), produced by one teacher-forced pass; and what it cost (the same
+    ``seconds`` / ``query_seconds`` / ``components`` as :class:`ExtraQueries`)."""
 
     layers: dict[str, tuple]
-    query_seconds: float  # producing the rows (self-study generation)
+    generation_seconds: float  # producing the rows (self-study generation)
     pass_seconds: float  # the pass, every layer's fit included
-    timings: dict = field(default_factory=dict)  # the fits' components, summed over layers
+    fit_timings: dict = field(default_factory=dict)  # the fits' components, summed over layers
     rows: list = field(default_factory=list)  # the teacher-forced rows: (token ids, logical positions)
+
+    @property
+    def seconds(self) -> float:
+        return self.generation_seconds + self.pass_seconds
+
+    @property
+    def forward_seconds(self) -> float:
+        """The pass without its fits: the reference forward of the rows."""
+        return max(0.0, self.pass_seconds - sum(self.fit_timings.values()))
+
+    @property
+    def query_seconds(self) -> float:
+        """Of :attr:`seconds`, producing reference queries: the generation and the pass's forward."""
+        return self.generation_seconds + self.forward_seconds
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {**self.fit_timings, "reference_queries": self.generation_seconds,
+                "on_policy_forward": self.forward_seconds}
 
 
 class SyntheticQueryProducer:
@@ -106,7 +135,7 @@ class SyntheticQueryProducer:
             rows, skip = [(repeated, torch.arange(end, end + len(repeated)))], [len(self.repeat_prompt)]
         else:
             raise ValueError(f"on-policy needs a synthetic query source, not {job.queries!r}")
-        query_seconds = time.perf_counter() - started
+        generation_seconds = time.perf_counter() - started
         # The prompt of a repeat row is fed but not fitted on (as off-policy).
         used = torch.cat([torch.arange(len(ids)) >= k for (ids, _), k in zip(rows, skip)])
         layers: dict[str, tuple] = {}
@@ -129,7 +158,7 @@ class SyntheticQueryProducer:
 
         started = time.perf_counter()
         on_policy_pass(self.model, cache, rows, compact_here)
-        return OnPolicyLayers(layers, query_seconds, time.perf_counter() - started, timings, rows)
+        return OnPolicyLayers(layers, generation_seconds, time.perf_counter() - started, timings, rows)
 
     def produce(self, job, kv, prompt_ids: list[int]) -> ExtraQueries:
         end = job.layout.span_end
