@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from vllm_attnmatch.config import CONFIG_KEY, ConfigError
+from vllm_attnmatch.config import CONFIG_KEY, ConfigError, server_config_from
 
 
 def refuse(setting: str, value: Any, why: str) -> None:
@@ -123,6 +123,11 @@ def check_vllm_config(config: Any) -> None:
     if config.speculative_config is not None:
         refuse("--speculative-config", "set", "draft tokens would be verified against a cache the scheduler compacts")
     parallel = config.parallel_config
+    settings = server_config_from(getattr(config, "additional_config", None))
+    if settings is not None and settings.on_policy and parallel.tensor_parallel_size > 1:
+        refuse(f"{CONFIG_KEY}.on_policy", True, "the on-policy pass runs the whole model's reference forward on one "
+               f"worker, which holds only its own KV heads at --tensor-parallel-size {parallel.tensor_parallel_size} "
+               "(allowed: --tensor-parallel-size 1)")
     _check_parallel_sizes(
         pipeline=parallel.pipeline_parallel_size,
         data=parallel.data_parallel_size,

@@ -123,6 +123,15 @@ def test_model_attention_features_are_refused_naming_the_model(tmp_path, model_d
         check_vllm_config(config)
 
 
+def test_on_policy_is_refused_at_tensor_parallel_above_one(model_dir):
+    """The on-policy pass needs every KV head on one worker; at TP = 1 the same setting passes."""
+    attnmatch = {"attnmatch": {"preset": "quality"}}
+    with _refused("attnmatch.on_policy"):  # the plugin checks the config as vLLM builds it
+        check_vllm_config(_args(model_dir, dtype="float32", tensor_parallel_size=3,
+                                additional_config=attnmatch).create_engine_config())
+    check_vllm_config(_args(model_dir, dtype="float32", additional_config=attnmatch).create_engine_config())
+
+
 def test_lora_is_refused(model_dir):
     config = _args(model_dir, dtype="float32", enable_lora=True).create_engine_config()
     with _refused("--enable-lora"):
