@@ -150,3 +150,23 @@ def test_probe_learns_any_one_to_one_packing_and_refuses_others():
 
     with pytest.raises(ValueError, match="one-to-one"):
         probe_layout(first_token_everywhere, block_size, head_dim, torch.float32)
+
+
+def test_affine_packings_are_read_through_a_strided_view_and_others_element_by_element():
+    """``vec`` (what this CPU's fp32 attention uses) is a strided placement: decode steps read it as a view;
+    ``amx``'s interleaved pairs are not, and keep the element-wise gather (checked for exactness above)."""
+    vec = vec_layout(128, 64)
+    assert vec.key_strides == (0, 1, 128)  # K transposed: token stride 1, dim stride block_size
+    assert vec.value_strides == (128 * 64, 64, 1)  # V row-major after the K half
+    amx = probe_layout(_vllm_writer("amx"), 32, 64, torch.bfloat16)
+    assert amx.key_strides is None
+    # The strided read is the layout's map, slot for slot.
+    torch.manual_seed(4)
+    kv_cache = torch.randn(5, 3, 128, 128)
+    flat = kv_cache.view(5, 3, -1)
+    blocks = torch.tensor([3, 0, 4])
+    keys, values = gather_kv(kv_cache, blocks, 300, vec)
+    for p in (0, 1, 127, 128, 200, 299):
+        block, t = int(blocks[p // 128]), p % 128
+        assert torch.equal(keys[:, p], flat[block][:, vec.key_index[t]])
+        assert torch.equal(values[:, p], flat[block][:, vec.value_index[t]])

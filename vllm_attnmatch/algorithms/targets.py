@@ -112,15 +112,17 @@ class StreamedTargets:
 
 
 def _tile_plan(n: int, T: int, tile: int, query_positions, key_positions, gap: int):
-    """Query order and, per tile, ``(rows, visible key count)``.
+    """Query order and, per tile, ``(rows, visible key count, keys every row sees)``.
 
     With positions and ascending key positions, queries are visited in position order and a tile only
-    touches the key prefix its latest query may see (a causal block costs about half the full product).
-    Positions are read on the CPU once (n + T integers), so no device sync happens per tile.
+    touches the key prefix its latest query may see (a causal block costs about half the full product);
+    the keys before the third number are visible to every query of the tile, so only the band between the
+    two needs a causal mask. Positions are read on the CPU once (n + T integers), so no device sync
+    happens per tile.
     """
     if query_positions is None or key_positions is None:
         order = torch.arange(n)
-        return order, [(order[a:a + tile], T) for a in range(0, n, tile)]
+        return order, [(order[a:a + tile], T, T) for a in range(0, n, tile)]
     qp = query_positions.detach().reshape(-1).to("cpu", torch.long)
     kp = key_positions.detach().reshape(-1).to("cpu", torch.long)
     order = torch.argsort(qp, stable=True)
@@ -129,11 +131,11 @@ def _tile_plan(n: int, T: int, tile: int, query_positions, key_positions, gap: i
     for a in range(0, n, tile):
         rows = order[a:a + tile]
         if ascending:
-            limit = int(qp[rows].max()) - gap
-            count = int(torch.searchsorted(kp, torch.tensor([limit]), right=True)[0])
+            limits = torch.stack([qp[rows].max(), qp[rows].min()]) - gap
+            count, everyone = torch.searchsorted(kp, limits, right=True).tolist()
         else:
-            count = T
-        plan.append((rows, count))
+            count, everyone = T, 0
+        plan.append((rows, count, everyone))
     return order, plan
 
 
@@ -170,17 +172,22 @@ def stream_targets(keys, values, queries, scale, bias=None, query_positions=None
     qpos_dev = query_positions.to(dev, torch.long).reshape(-1) if query_positions is not None else None
     kpos_dev = key_positions.to(dev, torch.long).reshape(-1) if key_positions is not None else None
     _, plan = _tile_plan(n, T, tile, query_positions, key_positions, gap)
+    # Scaled queries and a contiguous K^T, made once: a CPU bmm against a transposed view of the keys
+    # runs at about half the speed, and scaling the queries saves a pass over every logits tile.
+    scaled = queries * scale
+    keys_t = keys.transpose(1, 2).contiguous()
     peak = 0
-    for rows_cpu, count in plan:
+    for rows_cpu, count, everyone in plan:
         if count <= 0:
             continue  # these queries see no key: rowmax/log_mass stay -inf, output 0, no score
         rows = rows_cpu.to(dev)
-        s = torch.bmm(queries[:, rows], keys[:, :count].transpose(1, 2)).mul_(scale)
+        s = torch.bmm(scaled[:, rows], keys_t[:, :, :count])
         if bias is not None:
             s.add_(bias[:, None, :count])
-        if qpos_dev is not None and kpos_dev is not None:
-            hidden = kpos_dev[None, :count] > qpos_dev[rows, None] - gap  # (b, count), see visibility()
-            s.masked_fill_(hidden.unsqueeze(0), NEG_INF)
+        if qpos_dev is not None and kpos_dev is not None and everyone < count:
+            # only the band [everyone, count) holds keys some row of the tile may not see (visibility())
+            hidden = kpos_dev[None, everyone:count] > qpos_dev[rows, None] - gap
+            s[:, :, everyone:count].masked_fill_(hidden.unsqueeze(0), NEG_INF)
         m = s.amax(dim=-1)
         valid = torch.isfinite(m)
         safe = torch.where(valid, m, torch.zeros_like(m))

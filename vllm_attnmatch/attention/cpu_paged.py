@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -32,6 +33,26 @@ class KVLayout:
     @property
     def block_size(self) -> int:
         return int(self.key_index.shape[0])
+
+    @cached_property
+    def key_strides(self) -> tuple[int, int, int] | None:
+        return _affine(self.key_index)
+
+    @cached_property
+    def value_strides(self) -> tuple[int, int, int] | None:
+        return _affine(self.value_index)
+
+
+def _affine(index: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(offset, token stride, dim stride)`` when ``index[t, j] = offset + t·st + j·sj`` (the ``vec``
+    packings: a strided view reads it, ~10× faster than an element-wise gather on the decode path),
+    else None (e.g. ``amx``'s interleaved pairs: read element by element)."""
+    block_size, head_dim = index.shape
+    offset = int(index[0, 0])
+    st = int(index[1, 0]) - offset if block_size > 1 else 0
+    sj = int(index[0, 1]) - offset if head_dim > 1 else 0
+    t, j = torch.arange(block_size)[:, None], torch.arange(head_dim)[None, :]
+    return (offset, st, sj) if torch.equal(index, offset + t * st + j * sj) else None
 
 
 def vec_layout(block_size: int, head_dim: int) -> KVLayout:
@@ -103,11 +124,16 @@ def gather_kv(
     raw = kv_cache.view(num_blocks, num_heads, 2 * block_size * head_dim)[block_ids]  # (n, H, 2·bs·d)
     n = raw.shape[0]
 
-    def read(index: torch.Tensor) -> torch.Tensor:
-        picked = raw[:, :, index.reshape(-1)].view(n, num_heads, block_size, head_dim)
+    def read(index: torch.Tensor, strides: tuple[int, int, int] | None) -> torch.Tensor:
+        if strides is None:
+            picked = raw[:, :, index.reshape(-1)].view(n, num_heads, block_size, head_dim)
+        else:
+            offset, st, sj = strides
+            picked = raw.as_strided((n, num_heads, block_size, head_dim), (raw.stride(0), raw.stride(1), st, sj),
+                                    raw.storage_offset() + offset)
         return picked.permute(1, 0, 2, 3).reshape(num_heads, n * block_size, head_dim)[:, :length]
 
-    return read(layout.key_index), read(layout.value_index)
+    return read(layout.key_index, layout.key_strides), read(layout.value_index, layout.value_strides)
 
 
 def gather_bias(bias: torch.Tensor, block_ids, length: int) -> torch.Tensor:
@@ -139,14 +165,15 @@ def attention_with_bias(
     q_len, num_q_heads, head_dim = query.shape
     num_kv_heads, length, _ = keys.shape
     group = num_q_heads // num_kv_heads
-    q = query.float().view(q_len, num_kv_heads, group, head_dim)
-    scores = torch.einsum("qhgd,hkd->hgqk", q, keys.float()) * scale + bias.float()[:, None, None, :]
-    key_pos = torch.arange(length)
-    query_pos = torch.arange(length - q_len, length)
-    scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("hgqk,hkd->qhgd", probs, values.float())
-    return out.reshape(q_len, num_q_heads, head_dim)
+    # (H_kv, G·q_len, d): one batched product per KV head (a decode step is G rows against the whole KV)
+    q = query.float().view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, -1, head_dim)
+    scores = torch.baddbmm(bias.float()[:, None, :], q, keys.float().transpose(1, 2), alpha=scale)
+    if q_len > 1:  # a single (decode) query sees every key
+        key_pos = torch.arange(length)
+        query_pos = torch.arange(length - q_len, length).repeat(group)
+        scores.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+    out = torch.bmm(torch.softmax(scores, dim=-1), values.float())  # (H_kv, G·q_len, d)
+    return out.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_q_heads, head_dim)
 
 
 def paged_attention_with_bias(
