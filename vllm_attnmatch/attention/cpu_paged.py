@@ -45,7 +45,7 @@ class KVLayout:
 
 def _affine(index: torch.Tensor) -> tuple[int, int, int] | None:
     """``(offset, token stride, dim stride)`` when ``index[t, j] = offset + t·st + j·sj`` (the ``vec``
-    packings: a strided view reads it, ~10× faster than an element-wise gather on the decode path),
+    packings: a strided view reads it, ~2.5× faster than an element-wise gather on the decode path),
     else None (e.g. ``amx``'s interleaved pairs: read element by element)."""
     block_size, head_dim = index.shape
     offset = int(index[0, 0])
