@@ -183,8 +183,9 @@ class StepPlan:
     capture_stride: dict[str, int] = field(default_factory=dict)
     # req_id -> keep only the newest n captured rows (online requests: a bounded ring of queries)
     capture_limit: dict[str, int] = field(default_factory=dict)
-    # blocks handed out this step through a compacted-prefix hit: their β is valid and must be kept
-    preserve_bias: list[int] = field(default_factory=list)
+    # req_id -> the leading blocks a request scheduled in this step holds through its compacted-prefix
+    # hit: their β is valid and kept; every other block handed out this step gets β = 0
+    preserve_bias: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # req_id -> layers of its in-flight job to run after this step's forward (ALL_LAYERS: the rest).
     # A job shipped in ``jobs`` runs no layer on its first step; it ends (and reports its result) on the
     # step its last layer runs. Every rank gets the same counts, so every rank ends a job on the same step.

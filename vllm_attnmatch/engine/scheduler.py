@@ -65,7 +65,7 @@ class AttnMatchScheduler(Scheduler):
         self._am_requests: dict[str, RequestCompaction] = {}
         self._am_swaps: dict[str, tuple[int, ...]] = {}
         self._am_cancel: list[str] = []
-        self._am_hit_block_ids: list[int] = []
+        self._am_hits: dict[str, tuple[int, ...]] = {}  # this step's compacted-prefix hits, by request
         store = None
         if self.kv_cache_manager.enable_caching:
             store = CompactedPrefixStore(
@@ -139,7 +139,7 @@ class AttnMatchScheduler(Scheduler):
             return super()._get_local_prefix_cache_hit(request)  # empty: reads are skipped
         layout, blocks = found
         self.am_manager.offsets[request.request_id] = layout.offset
-        self._am_hit_block_ids.extend(b.block_id for b in blocks)
+        self._am_hits[request.request_id] = tuple(b.block_id for b in blocks)
         return self.kv_cache_manager.create_kv_cache_blocks((blocks,)), layout.span_end, 0, False
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
@@ -156,8 +156,8 @@ class AttnMatchScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
-        plan = StepPlan(swaps=self._am_swaps, preserve_bias=self._am_hit_block_ids, cancel=self._am_cancel)
-        self._am_swaps, self._am_hit_block_ids, self._am_cancel = {}, [], []
+        plan = StepPlan(swaps=self._am_swaps, preserve_bias=self._held_hits(output), cancel=self._am_cancel)
+        self._am_swaps, self._am_hits, self._am_cancel = {}, {}, []
         self._plan_slices(output, plan)
         for req_id in list(output.num_scheduled_tokens):
             state = self._am_requests.get(req_id)
@@ -179,6 +179,18 @@ class AttnMatchScheduler(Scheduler):
         if not plan.is_empty:
             setattr(output, SCHEDULER_OUTPUT_ATTR, plan)
         return output
+
+    def _held_hits(self, output) -> dict[str, tuple[int, ...]]:
+        """The compacted-prefix blocks whose β survives this step: only those a request *scheduled in
+        this step* holds from its hit. A request that was looked up but not admitted holds nothing (its
+        hit blocks stay free, and the pool may hand them to another request fresh)."""
+        held = {}
+        for req_id, hit in self._am_hits.items():
+            if req_id in output.num_scheduled_tokens:
+                blocks = self.kv_cache_manager.get_block_ids(req_id)[0]
+                if tuple(blocks[: len(hit)]) == hit:
+                    held[req_id] = hit
+        return held
 
     def _admitted(self, request, state: RequestCompaction) -> None:
         """First step of a prefilling request's life: count its compacted-prefix hit or miss once, and

@@ -22,6 +22,7 @@ from vllm.logger import init_logger
 from vllm_attnmatch.attention.step_context import CaptureRows, StepContext
 from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
 from vllm_attnmatch.worker.executor import JobRun, PagedKV
+from vllm_attnmatch.worker.fresh_blocks import bias_blocks_to_zero
 from vllm_attnmatch.worker.tensor_parallel import agree_on_result, job_for_this_rank
 
 logger = init_logger("vllm.attnmatch.runner")
@@ -121,15 +122,7 @@ class AttnMatchRunnerMixin:
 
     def _zero_new_bias(self, scheduler_output) -> None:
         """β is indexed by physical slot: a block handed out again must not carry an old request's β."""
-        fresh: list[int] = []
-        for new in scheduler_output.scheduled_new_reqs:
-            fresh.extend(new.block_ids[0])
-        for ids in scheduler_output.scheduled_cached_reqs.new_block_ids:
-            if ids is not None:
-                fresh.extend(ids[0])
-        if self._am_plan.preserve_bias:
-            keep = set(self._am_plan.preserve_bias)
-            fresh = [b for b in fresh if b not in keep]
+        fresh = bias_blocks_to_zero(scheduler_output, self._am_plan.preserve_bias)
         if fresh:
             index = torch.tensor(fresh, dtype=torch.long)
             for bias in self._am_ctx.bias.values():
