@@ -57,7 +57,8 @@ class Booking:
     def book(self, job: CompactionJob, result: CompactionResult | None, state: RequestCompaction | None, request):
         """Record the outcome of a job whose last layer slice ran this step. Returns the new block ids
         to swap in on the workers, or None (failed, or the request is gone)."""
-        if state is None or state.job is not job or state.phase is not CompactionPhase.IN_FLIGHT:
+        stale = result is not None and result.job_id != job.job_id  # of an earlier, cancelled job
+        if state is None or state.job is not job or stale or state.phase is not CompactionPhase.IN_FLIGHT:
             return None  # cancelled (preempted or aborted) after its last slice was scheduled
         if request is None or request.is_finished():
             self.allocator.release(state.dst_holder)

@@ -158,6 +158,9 @@ class CompactionJob:
     fault: str | None = None
     # Non-uniform budgets: entries per (layer, KV head); the layout's target is their maximum.
     head_targets: tuple[tuple[int, ...], ...] | None = None
+    # Unique per scheduler: a result is booked only against the job it came from, never against a later
+    # job of the same request (a preempted request compacts again in its next life).
+    job_id: int = 0
 
 
 #: When set to 1 in the server's environment, a request's ``extra_args["attnmatch_fault"]`` (one of
@@ -219,6 +222,7 @@ class CompactionResult:
     query_seconds: float = 0.0  # producing synthetic reference queries (repeat / self_study), included in seconds
     query_source: str = "context"  # the source actually used (a synthetic one falls back to context on error)
     timings: dict = field(default_factory=dict)  # seconds per component (gather, scoring, beta, values, write, …)
+    job_id: int = 0  # CompactionJob.job_id of the job this result is of
 
 
 SCHEDULER_OUTPUT_ATTR = "attnmatch_plan"

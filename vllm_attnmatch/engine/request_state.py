@@ -113,6 +113,7 @@ class RequestCompaction:
         self.lookup_done = False
         self.lookup_hit = None
         self.lookup_counted = False
+        self.online_retry_at = 0  # a retry point of the old life's physical length means nothing now
 
     @property
     def in_flight(self) -> bool:

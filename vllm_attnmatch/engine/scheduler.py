@@ -18,6 +18,7 @@ default) are never touched.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 from vllm.logger import init_logger
@@ -65,6 +66,7 @@ class AttnMatchScheduler(Scheduler):
         self._am_requests: dict[str, RequestCompaction] = {}
         self._am_swaps: dict[str, tuple[int, ...]] = {}
         self._am_cancel: list[str] = []
+        self._am_job_ids = itertools.count(1)
         self._am_hits: dict[str, tuple[int, ...]] = {}  # this step's compacted-prefix hits, by request
         store = None
         if self.kv_cache_manager.enable_caching:
@@ -109,16 +111,19 @@ class AttnMatchScheduler(Scheduler):
         layout = None
         if params is not None and params.compacts_prefill:
             layout = self._am_admission.prefill_layout(request, params)
-            if layout is None:
-                self._am_booking.skip(request.request_id, None, "")  # too short: served exactly as stock vLLM
-            else:
+            if layout is not None:
                 # Reference queries come from the prefill: every prefix token must be computed here
                 # (or the whole compacted prefix found in the store).
                 request.skip_reading_prefix_cache = True
+        is_new = request.request_id not in self.requests
+        super().add_request(request)  # may refuse it (a duplicate id): then nothing of it is recorded
+        if not is_new or self.requests.get(request.request_id) is not request:
+            return  # a streaming session's next chunk: the request's own state and report stay
+        if params is not None and params.compacts_prefill and layout is None:
+            self._am_booking.skip(request.request_id, None, "")  # too short: served exactly as stock vLLM
         if layout is not None or (params is not None and params.max_kv_tokens is not None):
             self._am_requests[request.request_id] = RequestCompaction(params, layout)
         self.am_reports.admitted(request, params, layout)
-        super().add_request(request)
 
     def _get_local_prefix_cache_hit(self, request):
         """Compacting requests look for a stored compacted prefix instead of token-hash hits (they need
@@ -258,6 +263,7 @@ class AttnMatchScheduler(Scheduler):
             options=self._algorithm_options(params.method),
             fault=self._injected_fault(request),
             head_targets=self._am_admission.head_targets(state, layout),
+            job_id=next(self._am_job_ids),
         )
         state.move(CompactionPhase.IN_FLIGHT)
         state.job, state.dst_holder = job, holder
@@ -283,8 +289,9 @@ class AttnMatchScheduler(Scheduler):
         for result in results:
             state = self._am_requests.get(result.req_id)
             job = state.job if state is not None else None
-            if job is None:
-                continue  # cancelled meanwhile: its destination is already back in the pool
+            if job is None or result.job_id != job.job_id:
+                continue  # cancelled meanwhile (its destination is already back in the pool), or of a job
+                # of an earlier life: the job in flight now is not done
             swap = self._am_booking.book(job, result, state, self.requests.get(result.req_id))
             self.am_reports.booked(job, result, applied=swap is not None)
             if swap is not None:

@@ -366,6 +366,7 @@ class JobRun:
             fit_error=sum(finite) / len(finite) if finite and not failed else math.nan,
             error=(self.error or "the job did not run every layer") if failed else "",
             timings={} if failed else dict(self.timings),
+            job_id=self.job.job_id,
         )
 
 

@@ -51,6 +51,16 @@ def _log_side_memory(bias: dict[str, torch.Tensor], kv_caches) -> None:
                 beta_bytes / 2**20, share)
 
 
+def warm_up_job(settings, block_size: int, tokens: int = 256):
+    """The start-up compaction: the server's own method with its options, so that the set-up it pays
+    is the one real jobs would (another method warms other code paths)."""
+    from vllm_attnmatch.engine.jobs import CompactionJob, layout_for_span
+
+    layout = layout_for_span(tokens, 4, 0.1, None, block_size)
+    options = dict(settings.algorithm_options(settings.method))
+    return CompactionJob("warm-up", layout, (), (), settings.method, "context", None, options=options)
+
+
 class AttnMatchRunnerMixin:
     """Mixed in front of ``GPUModelRunner`` / ``CPUModelRunner``; subclasses supply ``_make_paged_kv``."""
 
@@ -86,15 +96,13 @@ class AttnMatchRunnerMixin:
         """Run one tiny compaction at start-up: the first fit in a process pays one-off set-up costs
         (seconds of linear-algebra initialisation on CPU) that would otherwise land in the first layer
         slice of the first real job and stall that step's batch."""
-        from vllm_attnmatch.engine.jobs import CompactionJob, layout_for_span
         from vllm_attnmatch.worker.executor import compact_layer
 
         try:
             num_kv_heads, head_size = bias.shape[1], int(layer.impl.head_size)
             num_heads = int(layer.impl.num_heads)
-            tokens, dtype = 256, self.model_config.dtype
-            layout = layout_for_span(tokens, 4, 0.1, None, bias.shape[2])
-            job = CompactionJob("warm-up", layout, (), (), "highest_attention", "context", None)
+            job = warm_up_job(self._am_settings(), bias.shape[2])
+            tokens, dtype = job.layout.num_tokens, self.model_config.dtype
             keys = torch.randn(num_kv_heads, tokens, head_size, device=bias.device, dtype=dtype)
             values = torch.randn_like(keys)
             queries = torch.randn(tokens, num_heads, head_size, device=bias.device, dtype=dtype)
