@@ -206,7 +206,7 @@ def test_compact_reports_time_per_component():
     K, V, Q = (torch.randn(2, m, 8, generator=g) for m in (64, 64, 128))
     r = compact(K, V, Q, 8, query_positions=torch.arange(64).repeat(2), key_positions=torch.arange(64))
     assert set(r.timings) == {"queries", "scoring", "beta", "values", "gate"}
-    assert all(v >= 0 for v in r.timings.values()) and sum(r.timings.values()) <= r.seconds + 1e-3
+    assert all(v > 0 for v in r.timings.values()) and sum(r.timings.values()) <= r.seconds + 1e-3  # each really timed
     baseline = compact(K, V, Q, 8, "h2o")
     assert set(baseline.timings) == {"queries", "scoring", "gate"}
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_attnmatch.oom import is_out_of_memory
+
 
 @dataclass(frozen=True)
 class CaptureRows:
@@ -68,7 +70,9 @@ class StepContext:
                 continue
             try:
                 kept = query[index.to(query.device)].detach().clone()  # model dtype; index_select copies
-            except torch.OutOfMemoryError:
+            except Exception as exc:  # noqa: BLE001 - only running out of memory is absorbed
+                if not is_out_of_memory(exc):
+                    raise
                 self.forget([req_id])
                 self.capture_failed[req_id] = "out of memory while capturing reference queries"
                 continue
