@@ -183,6 +183,12 @@ class ServerConfig(BaseModel):
     # of on queries of the full cache. Lower KL on the DEV texts, at the cost of that pass.
     on_policy: bool = False
     min_prompt_tokens: int = Field(default=32, ge=1, le=MAX_TOKENS_BOUND)
+    # Share of the KV pool (0 to 1) whose blocks may hold *pinned* compacted prefixes: the most recently
+    # used ones, reused only after every other free block (they still count as free, so a pin never
+    # refuses or preempts a request). Past it the least recently used prefix goes back to plain LRU
+    # order beside raw cached blocks. 0.5: a compacted block replaces ~1/ratio raw ones plus a prefill
+    # and a compaction, yet half the pool stays ordinary prefix cache for requests without am_* keys.
+    prefix_pin_share: float = Field(default=0.5, ge=0.0, le=1.0)
     # A compaction runs over several engine steps, this many layers per step while other requests are
     # scheduled (all remaining layers when nothing else runs), so that it never freezes the batch.
     # None: every layer in one step (the batch waits for the whole compaction).

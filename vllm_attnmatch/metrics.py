@@ -32,6 +32,7 @@ COUNTERS: dict[str, str] = {
     "blocks_freed": "KV blocks returned to the pool by compactions",
     "prefix_hits": "Requests that reused a compacted prefix",
     "prefix_misses": "Compacting requests that found no reusable compacted prefix",
+    "prefix_evictions": "Stored compacted prefixes evicted from the KV pool (a block reused for other KV)",
     "prefill_tokens_saved": "Prompt tokens not prefilled thanks to compacted-prefix hits",
 }
 

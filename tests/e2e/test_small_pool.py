@@ -1,5 +1,6 @@
-"""Under a tiny KV pool: compacted prefixes are evicted and recomputed, requests are preempted and
-resumed, and nothing leaks or crosses between requests."""
+"""Under a tiny KV pool: compacted prefixes outlive raw prefills that fit beside them, and are evicted and
+recomputed when a request needs the whole pool; requests are preempted and resumed, and nothing leaks or
+crosses between requests."""
 
 from __future__ import annotations
 
@@ -19,6 +20,25 @@ def _complete(server, prompt, xargs=None, max_tokens=12, **extra):
     ).choices[0].text
 
 
+def test_a_compacted_prefix_survives_raw_prefills_that_fit_beside_it(tiny_pool_server, tokenizer, document):
+    """Issue 19: plain prompts of 8 of the 11 blocks each cycle the rest of the pool, and the document's
+    one compacted block (pinned; its raw source blocks were reused first) is still there afterwards."""
+    server = tiny_pool_server
+    total = server.metrics()["kv_total_blocks"]
+    doc = tokenizer(document)["input_ids"][:512]
+    question = tokenizer("\n\nQuestion: what is this text about?\nAnswer:")["input_ids"]
+    first = _complete(server, doc + question, {"am_ratio": 0.1}, cache_salt="survives")
+    text = (document * 3)[3000:]
+    for start in (0, 1500, 3000):  # ~1000 tokens each: 8 blocks
+        _complete(server, tokenizer.decode(tokenizer(text[start:])["input_ids"][:1000]), max_tokens=2)
+    before = server.metrics()
+    assert _complete(server, doc + question, {"am_ratio": 0.1}, cache_salt="survives") == first
+    after = server.metrics()
+    assert after["prefix_hits"] == before["prefix_hits"] + 1
+    assert after["compactions"] == before["compactions"]  # reused, not recomputed
+    assert server.wait_idle_free_blocks(expected=total) == total  # pinned blocks still count as free
+
+
 def test_compacted_prefixes_are_evicted_and_recomputed_without_leaks(tiny_pool_server, tokenizer, document):
     server = tiny_pool_server
     total = server.metrics()["kv_total_blocks"]
@@ -29,10 +49,11 @@ def test_compacted_prefixes_are_evicted_and_recomputed_without_leaks(tiny_pool_s
     hits = server.metrics()["prefix_hits"]
     assert _complete(server, doc + question, {"am_ratio": 0.1}) == first
     assert server.metrics()["prefix_hits"] == hits + 1
-    # Other long prompts cycle the 12-block pool and evict the stored compacted prefix.
-    text = (document * 3)[3000:]
-    for start in (0, 1500, 3000):
-        _complete(server, tokenizer.decode(tokenizer(text[start:])["input_ids"][:1000]), max_tokens=2)
+    # A plain prompt that needs the whole pool (11 blocks) takes even the pinned compacted prefix.
+    evictions = server.metrics()["prefix_evictions"]
+    whole_pool = tokenizer(document * 4)["input_ids"][:1380]
+    _complete(server, whole_pool, max_tokens=2)
+    assert server.metrics()["prefix_evictions"] >= evictions + 1
     compactions = server.metrics()["compactions"]
     assert _complete(server, doc + question, {"am_ratio": 0.1}) == first
     assert server.metrics()["compactions"] == compactions + 1  # recomputed, not reused

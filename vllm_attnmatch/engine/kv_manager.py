@@ -3,7 +3,8 @@
 vLLM sizes a request's block list from its *logical* token count. After a compaction a request holds
 ``offset`` fewer KV entries than it has tokens, so this manager subtracts the offset wherever slots are
 counted, swaps the request's blocks for the compacted ones, and never registers compacted blocks
-under token hashes (that would serve compacted KV to requests that asked for the exact prefix).
+under token hashes (that would serve compacted KV to requests that asked for the exact prefix). The
+raw blocks a compaction replaces are freed to be reused first (see ``replace_blocks``).
 
 Selected through vLLM's ``KVCacheSpecRegistry``: the attention backend reports
 :class:`AttnMatchFullAttentionSpec` for its layers and the registry maps it to this manager.
@@ -16,6 +17,9 @@ from dataclasses import dataclass, fields
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_attnmatch.engine.free_queue import evict_first
+from vllm_attnmatch.engine.prefix_store import is_compacted
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,16 +74,20 @@ class AttnMatchFullAttentionManager(FullAttentionManager):
         )
 
     def replace_blocks(self, request_id: str, new_blocks: list, offset: int) -> list:
-        """Make ``new_blocks`` the request's blocks and free the old ones.
+        """Make ``new_blocks`` the request's blocks and free the old ones, raw ones to be reused first.
 
-        The old blocks keep their token hashes, so they stay reusable as ordinary (uncompacted)
-        prefix-cache hits until the pool evicts them.
+        The raw (token-hash) old blocks keep their hashes, so a request without ``am_*`` keys can still
+        hit them, but they go to the *front* of the free queue: the next prefill takes them, not the
+        compacted prefixes, which hold the same document in ~ratio of the blocks and cost a prefill and
+        a compaction to rebuild. Dropping the hashes would evict them no sooner and lose those hits.
         """
         old = self.req_to_blocks[request_id]
         self.req_to_blocks[request_id] = list(new_blocks)
         self.num_cached_block[request_id] = len(new_blocks)
         self.offsets[request_id] = offset
         self.block_pool.free_blocks(reversed(old))
+        raw = [b for b in reversed(old) if b.ref_cnt == 0 and b.block_hash is not None and not is_compacted(b)]
+        evict_first(self.block_pool, raw)  # tail blocks first: a prefix hit needs the chain's head
         return old
 
     def adopt_blocks(self, request_id: str, holder: str, offset: int) -> tuple[list, list]:

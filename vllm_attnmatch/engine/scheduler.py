@@ -68,6 +68,8 @@ class AttnMatchScheduler(Scheduler):
         self._am_cancel: list[str] = []
         self._am_job_ids = itertools.count(1)
         self._am_hits: dict[str, tuple[int, ...]] = {}  # this step's compacted-prefix hits, by request
+        engine_index = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
+        self.am_stats = CompactionStats(engine_index)
         store = None
         if self.kv_cache_manager.enable_caching:
             store = CompactedPrefixStore(
@@ -75,6 +77,8 @@ class AttnMatchScheduler(Scheduler):
                 self.block_size,
                 self.am_manager.kv_cache_group_id,
                 salt=f"{vllm_config.model_config.model}|{__version__}|{self.attnmatch.summary()}",
+                pin_share=self.attnmatch.prefix_pin_share,
+                stats=self.am_stats,
             )
         self._am_store = store
         head_plan = None
@@ -86,8 +90,6 @@ class AttnMatchScheduler(Scheduler):
                 model_config.get_total_num_kv_heads(),  # global heads: each TP rank takes its own rows
                 self.attnmatch.head_budget_max_factor,
             )
-        engine_index = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
-        self.am_stats = CompactionStats(engine_index)
         self.am_reports = ReportRecorder(self.attnmatch, self.block_size, engine_index)  # per-request reports
         self._am_admission = Admission(self.attnmatch, self.block_size, store, head_plan)
         self._am_allocator = DestinationAllocator(self.kv_cache_manager, self.am_manager, self.block_size)
