@@ -57,6 +57,7 @@ class CompactionInputs:
     causal: bool = True
     query_tile: int = DEFAULT_QUERY_TILE
     fit_rows: torch.Tensor | None = None  # (m,) rows whose outputs the fit needs (None = all)
+    key_scores: torch.Tensor | None = None  # (H,T) importance computed elsewhere (e.g. KVzip), replaces the reductions
     _targets: Targets | None = None
     _streamed: StreamedTargets | None = None
     _visible: torch.Tensor | None = None
@@ -172,7 +173,7 @@ DEFAULT_QUERY_GAP = 32
 DEFAULT_MAX_QUERIES = 2048
 
 _GENERAL = {"bias", "query_positions", "key_positions", "scale", "max_queries", "seed", "causal", "evaluate",
-            "query_gap", "query_tile"}
+            "query_gap", "query_tile", "key_scores"}
 
 #: What ``CompactionResult.timings`` reports (seconds): query subsampling and positions (``queries``),
 #: the streamed scores and key selection (``scoring``), the β fit (``beta``), the value fit (``values``)
@@ -261,6 +262,9 @@ def compact(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, tar
     max_queries : cap on reference queries per head (random subset, seeded); default 2048.
     seed : seeds subsampling, the held-out split and ``random``.
     query_tile : reference queries per tile of the streamed scoring pass (bounds its work memory).
+    key_scores : optional ``(H_kv, T)`` key importance computed outside (e.g. :func:`.kvzip.reconstruction_scores`
+        over the whole repeat-prefill context); score-based methods select by it instead of their own
+        reductions over ``queries``, which then only serve the fit.
     Other keyword options are fields of the method's dataclass or of :class:`FitConfig`.
     """
     t0 = time.perf_counter()
@@ -304,7 +308,9 @@ def compact(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, tar
     inp = CompactionInputs(keys.float(), values.float(), q.float(), target, float(scale), bias, qpos, kpos, gen,
                            gap=gap, causal=g_opts.get("causal", True),
                            query_tile=int(g_opts.get("query_tile", DEFAULT_QUERY_TILE)),
-                           fit_rows=used.nonzero().squeeze(-1) if used is not None else None)
+                           fit_rows=used.nonzero().squeeze(-1) if used is not None else None,
+                           key_scores=(g_opts["key_scores"].to(device=device, dtype=torch.float32)
+                                       if g_opts.get("key_scores") is not None else None))
     clock.mark("queries")
     idx = meth.select(inp).to(device=device, dtype=torch.long)
     idx = torch.sort(idx, dim=-1).values

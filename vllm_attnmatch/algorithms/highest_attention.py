@@ -65,6 +65,9 @@ class HighestAttention(Method):
 
     def select(self, inp: CompactionInputs) -> torch.Tensor:
         t = inp.target
-        scores = attention_scores(inp, self.reduction, self.mix_mean, self.pool, self.late_fraction)
+        if inp.key_scores is not None:
+            scores = pool_scores(inp.key_scores, self.pool)
+        else:
+            scores = attention_scores(inp, self.reduction, self.mix_mean, self.pool, self.late_fraction)
         forced = protected_mask(inp.length, t, self.sinks, int(self.recent * t), scores.device)
         return topk_indices(scores, t, forced)

@@ -1,0 +1,44 @@
+"""KVzip's reconstruction score — Kim et al. 2025, "KVzip: Query-Agnostic KV Cache Compression with Context
+Reconstruction" (arXiv 2505.23416).
+
+What it scores: the model is asked to repeat the context verbatim, teacher-forced over its own cache; a
+cached key's importance is the **largest** attention any query of that repetition gives it (over the
+repeated positions and the query heads that share the KV head), with attention normalised over
+everything those queries see: the context, the repeat prompt and the repetition so far. A fact that a
+later question needs is a fact the repetition must copy, and copying attends to it sharply, however few
+queries do; a sum over queries (H2O, AM's ``sum``) rewards what every query looks at instead.
+
+Published strength: max over all repetition queries and grouped heads, full softmax over the whole
+sequence, no recent window. (KVzip also ranks heads globally; with vLLM's uniform paged layout every KV
+head keeps the same number of entries, so this is its uniform-budget variant.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
+                          block_len: int, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """``(H, block_len)`` max attention of the repetition's queries on the first ``block_len`` keys.
+
+    queries : ``(H, n, d)`` the repetition's queries, the G query heads of each KV head pooled
+        (``group_queries`` layout), at ``query_positions (n,)`` in the full sequence.
+    keys : ``(H, L, d)`` every key of the sequence (context, repeat prompt, repetition), positions 0..L-1.
+    Each query attends causally (keys at or before its own position), softmax over all of them.
+    """
+    H, n, _ = queries.shape
+    L = keys.shape[1]
+    if block_len > L:
+        raise ValueError(f"block of {block_len} keys but only {L} keys given")
+    out = torch.zeros(H, block_len, dtype=torch.float32, device=keys.device)
+    k = keys.float().transpose(1, 2)
+    pos = torch.arange(L, device=keys.device)
+    for start in range(0, n, chunk):
+        q = queries[:, start:start + chunk].float() * scale
+        s = torch.bmm(q, k)
+        hidden = pos[None, :] > query_positions[start:start + chunk].to(keys.device)[:, None]
+        s.masked_fill_(hidden[None], float("-inf"))
+        p = torch.softmax(s, dim=-1)[:, :, :block_len]
+        out = torch.maximum(out, p.amax(dim=1))
+    return out
