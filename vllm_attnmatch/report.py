@@ -2,37 +2,53 @@
 
 Compactions are decided in EngineCore, but the client talks to the API server process. vLLM's output path
 between the two carries fixed fields only, so, like the counters in :mod:`vllm_attnmatch.metrics`, each
-engine writes its per-request reports to a file in the directory the front end created, and the front end
-reads them when a client asks:
+engine writes its per-request reports into the run's private directory, and the front end reads them when
+a client asks.
 
-- :class:`ReportRecorder` (EngineCore) keeps the report of every request still in the engine, and appends
-  a snapshot line (JSON) to ``reports-<engine>-<pid>.jsonl`` whenever one changes. Lines are written once
-  per step (``flush``), before the step's outputs leave EngineCore, so a client that has its response can
-  read its report. The file is rotated after ``max_lines`` lines (the previous one is kept as ``.old``) and
-  the reports of live requests are written again into the fresh file: disk and memory stay bounded, and a
-  report stays findable for at least the last ``max_lines`` updates of its engine.
-- :func:`find_reports` (front end) maps the id the client knows (the response ``id``, or the
-  ``X-Request-Id`` it sent) to the engine's request ids and returns the newest snapshot of each.
+Which id answers. Reports are indexed by the engine's own request id (vLLM appends 8 random hex digits to
+every id it receives, so two requests never share one) and looked up by the response ``id`` only: the id
+the API server named the request with (``cmpl-<base>`` / ``chatcmpl-<base>``), which covers every prompt
+and every ``n`` sample of that response. ``<base>`` is random unless the client sent ``X-Request-Id``;
+such a client-chosen id is answered only in its response form (``cmpl-mine``, not ``mine``) and only while
+it names a single submission: once another request reuses it (the same prompt slot under two of vLLM's
+random suffixes), :func:`find_reports` raises :class:`AmbiguousId` for it and neither client reads the
+other's report (HTTP 409). Knowing a response id is what grants access, as for the response itself.
+
+Which requests have one. Only requests that asked for compaction (``am_*`` keys, or a server preset that
+compacts by default) are recorded: a plain request costs no memory and no write, and its id is a 404.
+
+Bounded and constant-time:
+
+- :class:`ReportRecorder` (EngineCore) keeps the report of every request still in the engine plus the most
+  recently updated finished ones, up to ``max_reports`` (oldest dropped first, with their files). Each
+  lookup key (a response id) has one small JSON file per engine, ``reports-<run>-<engine>/<sha256>.json``,
+  rewritten atomically (``mkstemp`` + rename) at most once per step when one of its reports changed, before
+  the step's outputs leave EngineCore, so a client that has its response can read its report.
+- :func:`find_reports` (front end) opens that key's file in each engine's folder of this run: a few file
+  opens whatever the number of requests, and no state in the API server (any API-server process answers).
 
 No vLLM import: the scheduler passes in what it knows (plain values and the plugin's own dataclasses).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import time
-from dataclasses import dataclass, fields
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vllm_attnmatch.config import ConfigError, parse_request_params, request_keys
-from vllm_attnmatch.metrics import STATS_DIR_ENV
+from vllm_attnmatch.metrics import STATS_DIR_ENV, atomic_write, run_id
 
-#: Report lines per file before rotation (two files per engine: the current one and the previous one).
-MAX_LINES = 4096
-_FILE_GLOB = "reports-*.jsonl"
+#: Reports each engine keeps (live requests beyond it are kept too; finished ones are dropped oldest first).
+MAX_REPORTS = 4096
+RANDOMIZATION_OFF_ENV = "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"  # vLLM's switch for its 8-hex suffix
 
 # Statuses, in the words a client reads.
 NOT_REQUESTED = "not_requested"  # no am_* keys and no server default: served as stock vLLM
@@ -90,10 +106,9 @@ class RequestReport:
     engine: int = 0
     updated: float = 0.0  # unix time of this snapshot
 
-    def to_line(self, seq: int) -> str:
-        """One file line: the fields that are set (a reader restores the others as None)."""
-        present = {name: value for name, value in vars(self).items() if value is not None}
-        return json.dumps({"seq": seq, **present}, separators=(",", ":")) + "\n"
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set (a reader restores the others as None)."""
+        return {name: value for name, value in vars(self).items() if value is not None}
 
 
 #: Every field, in order (what a client receives for each engine request).
@@ -118,44 +133,110 @@ def too_short_reason(prompt_tokens: int, keep_first: int, keep_last: int, min_sp
     )
 
 
+# -- ids: from the engine's request id to the response id a client knows --------------------------------
+
+_ENGINE_ID = re.compile(r"(?:\d+_)?(?P<item>.+?)(?P<suffix>-[0-9a-f]{8})?")
+_ENGINE_ID_PLAIN = re.compile(r"(?:\d+_)?(?P<item>.+)(?P<suffix>)")
+
+
+def _randomized() -> bool:
+    try:
+        return not int(os.environ.get(RANDOMIZATION_OFF_ENV, "0") or "0")
+    except ValueError:
+        return True
+
+
+def parse_engine_id(engine_id: str) -> tuple[str, str]:
+    """``(item, suffix)`` of an engine request id in vLLM 0.32: ``[<i>_]<item>[-<8 hex>]``, where ``<i>_``
+    names an ``n > 1`` sample (samples share their parent's suffix), ``<item>`` is the id the serving class
+    passed on (``cmpl-<base>-<prompt>``, ``chatcmpl-<base>[_<sub>]``) and the suffix is the engine's random
+    one (absent under VLLM_DISABLE_REQUEST_ID_RANDOMIZATION). One submission: one (item, suffix)."""
+    match = (_ENGINE_ID if _randomized() else _ENGINE_ID_PLAIN).fullmatch(engine_id)
+    assert match is not None  # every non-empty string matches
+    return match["item"], match["suffix"] or ""
+
+
+def lookup_keys(engine_id: str) -> tuple[str, ...]:
+    """The response ids that may ask for this engine request. Completions always append ``-<prompt>``;
+    chat appends ``_<sub>`` only for several sub-requests, so ``chatcmpl-a_1`` answers both as itself and
+    as sub-request 1 of ``chatcmpl-a`` (a mix of the two under one key is refused as ambiguous)."""
+    item, _ = parse_engine_id(engine_id)
+    if item.startswith("cmpl-"):
+        stem, dash, index = item.rpartition("-")
+        if dash and index.isdigit() and len(stem) > len("cmpl-"):
+            return (stem,)
+    elif item.startswith("chatcmpl-"):
+        stem, sep, index = item.rpartition("_")
+        if sep and index.isdigit() and len(stem) > len("chatcmpl-"):
+            return (item, stem)
+    return (item,)
+
+
+def key_file_name(key: str) -> str:
+    """The file of a lookup key in each engine's folder (a hash: any id is a safe, fixed-length name)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".json"
+
+
+def engine_folder(run: str, engine_index: int) -> str:
+    return f"reports-{run}-{engine_index}"
+
+
+class AmbiguousId(LookupError):
+    """The id names requests of more than one submission (a client-chosen id that was reused)."""
+
+
+@dataclass
+class _KeyEntry:
+    reports: dict[str, RequestReport] = field(default_factory=dict)  # engine id -> report, oldest first
+    live: int = 0  # of them still in the engine
+    collided: bool = False  # an engine id was seen twice (only without vLLM's random suffix)
+
+
 class ReportRecorder:
     """Per-request reports of one engine (EngineCore side). ``settings`` is the server's ServerConfig.
-    Every event names an engine request id; ids it does not know (already finished) are ignored."""
+    Every event names an engine request id; ids it does not know (never asked, or dropped) are ignored.
+    ``directory`` and ``run`` default to the run directory and id the front end exported."""
 
     def __init__(
-        self, settings: Any, block_size: int, engine_index: int = 0, directory: str | None = None, max_lines: int = MAX_LINES
+        self,
+        settings: Any,
+        block_size: int,
+        engine_index: int = 0,
+        directory: str | None = None,
+        max_reports: int = MAX_REPORTS,
+        run: str | None = None,
     ) -> None:
         self.settings = settings
         self.block_size = block_size
         self.engine_index = engine_index
-        self.max_lines = max(1, max_lines)
+        self.max_reports = max(1, max_reports)
         self.live: dict[str, RequestReport] = {}
         directory = directory if directory is not None else os.environ.get(STATS_DIR_ENV)
-        stem = f"reports-{engine_index}-{os.getpid()}"
-        self._path = Path(directory) / f"{stem}.jsonl" if directory else None
-        self._old_path = Path(directory) / f"{stem}.old.jsonl" if directory else None
-        self._pending: dict[str, RequestReport] = {}  # changed since the last flush (newest snapshot)
-        self._file = None
-        self._lines = 0
-        self._seq = 0
+        run = run if run is not None else run_id()
+        self._dir = Path(directory) / engine_folder(run, engine_index) if directory else None
+        self._keys: OrderedDict[str, _KeyEntry] = OrderedDict()  # lookup key -> its reports, least recent first
+        self._held = 0  # reports held in _keys (one per key a report is filed under)
+        self._dirty: set[str] = set()  # keys whose file is out of date
+        self._gone: set[str] = set()  # keys dropped whose file is still on disk
+        self._made_dir = False
 
     # -- events (one call each from the scheduler) ----------------------------------------------------
 
     def admitted(self, request: Any, params: Any, layout: Any) -> None:
         """A request entered the engine (``request``: vLLM's Request). ``params`` is its EffectiveParams
         (None: nothing asked, or invalid keys), ``layout`` its planned prompt compaction (None: none)."""
-        req_id = request.request_id
-        report = self.live[req_id] = RequestReport(req_id, engine=self.engine_index)
-        report.prompt_tokens = request.num_prompt_tokens
         extra_args = getattr(request.sampling_params, "extra_args", None)
+        asked = params is not None and (params.compacts_prefill or params.max_kv_tokens is not None)
+        if not asked and not request_keys(extra_args):
+            return  # never asked for compaction: no report, no write (its id is a 404)
+        report = self._open(request.request_id)
+        report.prompt_tokens = request.num_prompt_tokens
         if params is None:
-            invalid = _invalid_keys(extra_args)
-            if invalid:  # offline callers only: the HTTP front end answers 400
-                report.status, report.reason = NOT_COMPACTED, f"invalid am_* keys: {invalid}; served uncompacted"
+            invalid = _invalid_keys(extra_args)  # offline callers only: the HTTP front end answers 400
+            report.status, report.reason = NOT_COMPACTED, f"invalid am_* keys: {invalid}; served uncompacted"
             return self._changed(report)
-        if not params.compacts_prefill and params.max_kv_tokens is None:
-            if request_keys(extra_args):
-                report.reason = NO_BUDGET_REASON
+        if not asked:
+            report.reason = NO_BUDGET_REASON
             return self._changed(report)
         for name in ("method", "queries", "ratio", "target_tokens", "keep_first", "keep_last", "max_kv_tokens"):
             setattr(report, name, getattr(params, name))
@@ -236,6 +317,10 @@ class ReportRecorder:
         report = self.live.pop(req_id, None)
         if report is None:
             return
+        for key in lookup_keys(req_id):
+            entry = self._keys.get(key)
+            if entry is not None and entry.reports.get(req_id) is report:
+                entry.live -= 1
         report.finished = True
         if report.max_kv_tokens is not None:
             report.peak_kv_tokens = peak_kv_tokens
@@ -256,31 +341,81 @@ class ReportRecorder:
     # -- publishing ---------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Append the snapshots changed since the last flush (once per engine step)."""
-        if not self._pending or self._path is None:
-            self._pending.clear()
+        """Bring the files of the keys changed since the last flush up to date (once per engine step):
+        drop the least recently updated finished reports beyond ``max_reports``, then rewrite each changed
+        key's file and remove the files of dropped keys."""
+        self._drop_oldest()
+        if self._dir is None:
+            self._dirty.clear()
+            self._gone.clear()
             return
-        pending, self._pending = self._pending, {}
+        if not self._dirty and not self._gone:
+            return
+        dirty, gone = self._dirty, self._gone
+        self._dirty, self._gone = set(), set()
         try:
-            if self._file is None or self._lines >= self.max_lines:
-                self._rotate(skip=pending)
-            self._write(pending.values())
+            if not self._made_dir:
+                self._dir.mkdir(mode=0o700, exist_ok=True)
+                self._made_dir = True
+            for key in gone:
+                try:
+                    (self._dir / key_file_name(key)).unlink()
+                except FileNotFoundError:
+                    pass
+            for key in dirty:
+                entry = self._keys[key]
+                body = {"key": key, "collided": entry.collided, "reports": [r.to_dict() for r in entry.reports.values()]}
+                atomic_write(self._dir / key_file_name(key), json.dumps(body, separators=(",", ":")))
         except OSError:  # the front end may be gone at shutdown; reports are best effort
-            self.close()
+            pass
 
     def close(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
+        """Engine shutdown: remove this engine's report files (the front end removes the run directory)."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None
 
     # -- internals ----------------------------------------------------------------------------------
 
+    def _open(self, req_id: str) -> RequestReport:
+        """A new report, filed under each of its lookup keys."""
+        report = self.live[req_id] = RequestReport(req_id, engine=self.engine_index)
+        for key in lookup_keys(req_id):
+            entry = self._keys.get(key)
+            if entry is None:
+                entry = self._keys[key] = _KeyEntry()
+            if req_id in entry.reports:  # the same engine id again (vLLM's random suffix turned off)
+                entry.collided = True
+                if entry.reports[req_id].finished:
+                    entry.live += 1
+            else:
+                entry.live += 1
+                self._held += 1
+            entry.reports[req_id] = report
+            self._gone.discard(key)
+        return report
+
     def _changed(self, report: RequestReport) -> None:
         report.updated = time.time()
-        self._pending[report.request_id] = report
+        for key in lookup_keys(report.request_id):
+            if key in self._keys:
+                self._keys.move_to_end(key)
+                self._dirty.add(key)
+
+    def _drop_oldest(self) -> None:
+        """Forget the least recently updated keys without a live request until ``max_reports`` hold."""
+        if self._held <= self.max_reports:
+            return
+        for key in list(self._keys):
+            entry = self._keys[key]
+            if entry.live > 0:
+                continue
+            del self._keys[key]
+            self._held -= len(entry.reports)
+            self._dirty.discard(key)
+            self._gone.add(key)
+            if self._held <= self.max_reports:
+                return
 
     def _applied(self, report: RequestReport) -> None:
         report.status, report.compacted, report.reason = COMPACTED, True, None
@@ -298,26 +433,6 @@ class ReportRecorder:
             report.prompt_tokens, report.keep_first, report.keep_last, settings.min_prompt_tokens, self.block_size
         )
 
-    def _rotate(self, skip: dict[str, RequestReport]) -> None:
-        """Start a fresh file (keeping the previous one as ``.old``) holding every live report."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            os.replace(self._path, self._old_path)
-        self._file = self._path.open("a", encoding="utf-8")
-        self._lines = 0
-        self._write(r for r in self.live.values() if r.request_id not in skip)
-
-    def _write(self, reports) -> None:
-        lines = []
-        for report in reports:
-            self._seq += 1
-            lines.append(report.to_line(self._seq))
-        if lines:
-            self._file.write("".join(lines))
-            self._file.flush()
-            self._lines += len(lines)
-
 
 def _invalid_keys(extra_args: Any) -> str | None:
     """The error of a request's am_* keys, or None if they are valid (or absent)."""
@@ -328,46 +443,47 @@ def _invalid_keys(extra_args: Any) -> str | None:
     return None
 
 
-# -- front end: from the id the client knows to the engine's reports ---------------------------------
+# -- front end: from the response id to the engines' reports --------------------------------------------
 
 
-def id_pattern(client_id: str) -> re.Pattern[str]:
-    """Engine request ids that belong to ``client_id`` in vLLM 0.32's OpenAI server.
-
-    The server names a request ``cmpl-<base>`` / ``chatcmpl-<base>`` (``<base>``: the ``X-Request-Id``
-    header or a random id) and returns that as the response ``id``; a prompt of a batch or a sub-request
-    appends ``-<i>`` / ``_<i>``, the engine appends ``-<8 hex>`` (unless VLLM_DISABLE_REQUEST_ID_RANDOMIZATION)
-    and ``n > 1`` makes children ``<i>_<id>``. The client may pass the response ``id`` or its X-Request-Id.
-    """
-    return re.compile(r"(?:\d+_)?(?:cmpl-|chatcmpl-)?" + re.escape(client_id) + r"(?:[-_]\d+)?(?:-[0-9a-f]{8})?")
-
-
-def find_reports(client_id: str, directory: str | Path | None = None) -> list[dict[str, Any]]:
-    """The newest report of every engine request of ``client_id`` (empty: unknown or too old)."""
+def find_reports(client_id: str, directory: str | Path | None = None, run: str | None = None) -> list[dict[str, Any]]:
+    """The newest report of every engine request of the response ``client_id`` (empty: unknown, too old,
+    or a request that never asked for compaction). Raises :class:`AmbiguousId` when the id names more
+    than one submission. Opens one file per engine of the run, whatever the number of requests."""
     directory = directory if directory is not None else os.environ.get(STATS_DIR_ENV)
+    run = run if run is not None else run_id()
     if not directory or not client_id:
         return []
-    pattern = id_pattern(client_id)
-    needle = json.dumps(client_id)[1:-1]
-    newest: dict[str, dict[str, Any]] = {}
-    # The current files before the .old ones: a rotation in between then yields duplicates, never a gap.
-    paths = sorted(Path(directory).glob(_FILE_GLOB), key=lambda p: p.name.endswith(".old.jsonl"))
-    for path in paths:
+    prefix, name = f"reports-{run}-", key_file_name(client_id)
+    found: dict[str, dict[str, Any]] = {}
+    collided = False
+    try:
+        folders = [entry.path for entry in os.scandir(directory) if entry.name.startswith(prefix)]
+    except OSError:
+        return []
+    for folder in folders:
         try:
-            with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    if needle not in line:
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except ValueError:  # a line being written
-                        continue
-                    req_id = record.get("request_id", "")
-                    if not pattern.fullmatch(req_id):
-                        continue
-                    seen = newest.get(req_id)
-                    if seen is None or record["seq"] > seen["seq"]:  # one request lives on one engine
-                        newest[req_id] = record
-        except OSError:  # rotated away while listing: its lines are in the other file
+            body = json.loads(Path(folder, name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # no request of this key on that engine
             continue
-    return [{name: newest[req_id].get(name) for name in REPORT_FIELDS} for req_id in sorted(newest)]
+        if body.get("key") != client_id:  # (a hash collision)
+            continue
+        collided = collided or bool(body.get("collided"))
+        for record in body.get("reports", ()):
+            req_id = record.get("request_id", "")
+            collided = collided or req_id in found  # the same engine id on two engines
+            found[req_id] = record
+    if collided or _several_submissions(client_id, found):
+        raise AmbiguousId(client_id)
+    return [{name: found[req_id].get(name) for name in REPORT_FIELDS} for req_id in sorted(found)]
+
+
+def _several_submissions(key: str, engine_ids) -> bool:
+    """Whether the engine requests under one key come from more than one submission: one prompt slot
+    (item) under two random suffixes, or a chat id both alone and as a sub-request of the key."""
+    suffix_of: dict[str, str] = {}
+    for engine_id in engine_ids:
+        item, suffix = parse_engine_id(engine_id)
+        if suffix_of.setdefault(item, suffix) != suffix:
+            return True
+    return key in suffix_of and len(suffix_of) > 1

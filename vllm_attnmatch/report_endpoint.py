@@ -7,7 +7,15 @@ general plugin; but a user who starts the server with an ``attnmatch`` section h
 the front end's config hook (:func:`install`) adds this plugin to the list vLLM discovers, and vLLM
 attaches it like any other endpoint plugin. The route sits under ``/v1``, so ``--api-key`` guards it.
 
-The reports themselves come from EngineCore through files (:mod:`vllm_attnmatch.report`).
+The reports themselves come from EngineCore through files (:mod:`vllm_attnmatch.report`). Answers:
+
+- 200 with the reports of the response ``id`` (one per prompt × ``n``);
+- 404 for an id with no report: unknown, dropped (each engine keeps its last ``MAX_REPORTS``), or a request
+  that never asked for compaction (no ``am_*`` keys and a server preset that does not compact: such requests
+  are not recorded at all, so the answer cannot tell them from unknown ids); and for a bare ``X-Request-Id``
+  (only its response form ``cmpl-<id>`` / ``chatcmpl-<id>`` is answered);
+- 409 when the id names requests of more than one submission (a client-chosen ``X-Request-Id`` reused):
+  nobody reads another client's report.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from vllm_attnmatch.report import MAX_LINES, find_reports
+from vllm_attnmatch.report import MAX_REPORTS, AmbiguousId, find_reports
 
 logger = init_logger("vllm.attnmatch.report")
 
@@ -30,9 +38,23 @@ OBJECT = "attnmatch.request_report"
 def not_found_message(request_id: str) -> str:
     return (
         f"no attnmatch report for id {request_id!r}: pass the 'id' of a completion or chat completion "
-        f"response of this server (or the X-Request-Id header you sent); reports are kept for roughly the "
-        f"last {MAX_LINES // 2} requests of each engine"
+        f"response of this server; only requests that asked for compaction (am_* keys, or a server preset "
+        f"that compacts) have a report, kept for the last {MAX_REPORTS} such requests of each engine"
     )
+
+
+def ambiguous_message(request_id: str) -> str:
+    return (
+        f"id {request_id!r} names requests of more than one client (an X-Request-Id sent twice): its reports "
+        f"are not served; send a unique X-Request-Id, or none (the server then picks a random id)"
+    )
+
+
+def _error(message: str, code: int):
+    from fastapi.responses import JSONResponse
+
+    kind = "NotFoundError" if code == 404 else "ConflictError"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": "id", "code": code}}, status_code=code)
 
 
 def report_body(request_id: str, reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -47,17 +69,18 @@ class AttnMatchReportsEndpoint:
 
     def attach_router(self, app) -> None:
         from fastapi import APIRouter
-        from fastapi.responses import JSONResponse
 
         router = APIRouter()
 
         # A plain ``def``: FastAPI runs it in its thread pool, so reading the files never blocks the loop.
         @router.get(ROUTE, summary="What vllm-attnmatch did to one request (compacted or why not, T -> t)")
         def get_request_report(request_id: str):
-            reports = find_reports(request_id)
+            try:
+                reports = find_reports(request_id)
+            except AmbiguousId:
+                return _error(ambiguous_message(request_id), 409)
             if not reports:
-                error = {"message": not_found_message(request_id), "type": "NotFoundError", "param": "id", "code": 404}
-                return JSONResponse({"error": error}, status_code=404)
+                return _error(not_found_message(request_id), 404)
             return report_body(request_id, reports)
 
         app.include_router(router)

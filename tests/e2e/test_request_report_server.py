@@ -1,5 +1,6 @@
 """A client learns what happened to its own request: ``GET /v1/attnmatch/requests/{id}`` with the ``id``
-of the response (or the X-Request-Id it sent), through the real server and the ``openai`` client."""
+of the response, through the real server and the ``openai`` client; a client-chosen X-Request-Id is answered
+only in its response form and never once another request reused it."""
 
 from __future__ import annotations
 
@@ -114,16 +115,34 @@ def test_a_too_short_streamed_chat_says_it_was_not_compacted_and_why(plugin_serv
     assert "compaction needs at least" in report["reason"] and report["tokens_before"] is None
 
 
-def test_a_request_without_am_keys_is_reported_as_not_requested_also_by_x_request_id(plugin_server):
-    header = f"my-request-{uuid.uuid4().hex[:8]}"
+def test_a_request_without_am_keys_has_no_report_and_its_404_says_so(plugin_server):
     reply = plugin_server.client().completions.create(
         model="smollm2", prompt="The quick brown fox", max_tokens=2, temperature=0,
-        extra_headers={"X-Request-Id": header},
     )
+    with pytest.raises(openai.NotFoundError) as err:
+        plugin_server.client().get(f"/attnmatch/requests/{reply.id}", cast_to=object)
+    assert "only requests that asked for compaction" in err.value.body["message"]
+
+
+def test_an_x_request_id_is_answered_by_the_response_id_only_and_to_nobody_once_reused(plugin_server):
+    header = f"my-request-{uuid.uuid4().hex[:8]}"
+    client = plugin_server.client()
+
+    def send():
+        return client.completions.create(
+            model="smollm2", prompt="The quick brown fox", max_tokens=2, temperature=0,
+            extra_headers={"X-Request-Id": header}, extra_body={"vllm_xargs": {"am_ratio": 0.1}},
+        )
+
+    reply = send()
     assert reply.id == f"cmpl-{header}"
-    report = _report(plugin_server, reply.id)
-    assert report["status"] == "not_requested" and not report["compacted"] and "no am_* keys" in report["reason"]
-    assert _report(plugin_server, header) == report
+    assert _report(plugin_server, reply.id)["status"] == "not_compacted"  # too short, but asked
+    with pytest.raises(openai.NotFoundError):
+        client.get(f"/attnmatch/requests/{header}", cast_to=object)  # the bare header is no response id
+    send()  # another client picks the same X-Request-Id
+    with pytest.raises(openai.ConflictError) as err:
+        client.get(f"/attnmatch/requests/{reply.id}", cast_to=object)
+    assert "more than one client" in err.value.body["message"]
 
 
 def test_an_unknown_id_is_a_404_that_says_which_id_to_pass(plugin_server):

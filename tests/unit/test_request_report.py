@@ -1,10 +1,17 @@
 """The per-request report: what the recorder writes for each kind of request, how the front end finds a
-client's request among the engine's ids (vLLM's own id functions), bounded files, and the HTTP route
-attached through vLLM's endpoint-plugin machinery."""
+client's request among the engine's ids (vLLM's own id functions), client-chosen ids that cannot reach
+another client's report, bounded memory and files, lookups that read one file per engine, nothing written
+for plain requests, a private run directory removed at exit, and the HTTP route attached through vLLM's
+endpoint-plugin machinery."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import stat
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -17,9 +24,10 @@ from vllm_attnmatch.report import (
     NOT_COMPACTED,
     NOT_REQUESTED,
     PENDING,
+    AmbiguousId,
     ReportRecorder,
     find_reports,
-    id_pattern,
+    lookup_keys,
     shortest_compacted_prompt,
 )
 
@@ -103,17 +111,22 @@ def test_the_shortest_compacted_prompt_in_the_reason_is_the_engines_threshold(ke
     assert all(plan_layout(None, n, keep_first, keep_last, 0.5, None, min_span, block) for n in range(shortest, shortest + 300))
 
 
-def test_a_request_without_am_keys_or_without_a_budget_is_not_requested(tmp_path):
+def test_a_request_with_am_keys_but_no_budget_is_not_requested_with_the_reason(tmp_path):
+    recorder = _recorder(tmp_path)
+    _admit(recorder, "nobudget-1a2b3c4d", 650, {"am_method": "omp"})
+    recorder.flush()
+    (no_budget,) = find_reports("nobudget", tmp_path)
+    assert no_budget["status"] == NOT_REQUESTED and no_budget["reason"].startswith("no budget: am_* keys without am_ratio")
+
+
+def test_a_request_that_never_asked_for_compaction_writes_nothing_and_holds_no_memory(tmp_path):
+    """Plain traffic costs the recorder nothing: its id is a 404 (documented in report_endpoint)."""
     recorder = _recorder(tmp_path)
     _admit(recorder, "plain-1a2b3c4d", 650, None)
     recorder.finished("plain-1a2b3c4d")
-    _admit(recorder, "nobudget-1a2b3c4d", 650, {"am_method": "omp"})
     recorder.flush()
-    (report,) = find_reports("plain", tmp_path)
-    assert report["status"] == NOT_REQUESTED and not report["compacted"] and "no am_* keys" in report["reason"]
-    assert report["finished"] and report["method"] is None
-    (no_budget,) = find_reports("nobudget", tmp_path)
-    assert no_budget["status"] == NOT_REQUESTED and no_budget["reason"].startswith("no budget: am_* keys without am_ratio")
+    assert list(tmp_path.rglob("*")) == [] and recorder.live == {}
+    assert find_reports("plain", tmp_path) == []
 
 
 def test_failures_skips_and_invalid_keys_carry_their_reason(tmp_path):
@@ -177,52 +190,149 @@ def _vllm_engine_ids(client_request_id: str, n: int = 1) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "sent_to_engine, response_id, header",
+    "sent_to_engine, response_id",
     [
-        ("cmpl-5f3a9c2e11d04b7a-0", "cmpl-5f3a9c2e11d04b7a", None),  # completions: one prompt
-        ("cmpl-mine-1", "cmpl-mine", "mine"),  # completions: second prompt, X-Request-Id "mine"
-        ("chatcmpl-5f3a9c2e11d04b7a", "chatcmpl-5f3a9c2e11d04b7a", None),  # chat
-        ("chatcmpl-mine_1", "chatcmpl-mine", "mine"),  # chat: second sub-request
+        ("cmpl-5f3a9c2e11d04b7a-0", "cmpl-5f3a9c2e11d04b7a"),  # completions: one prompt
+        ("cmpl-mine-1", "cmpl-mine"),  # completions: second prompt, X-Request-Id "mine"
+        ("cmpl-a-7-0", "cmpl-a-7"),  # X-Request-Id "a-7"
+        ("chatcmpl-5f3a9c2e11d04b7a", "chatcmpl-5f3a9c2e11d04b7a"),  # chat
+        ("chatcmpl-mine_1", "chatcmpl-mine"),  # chat: second sub-request
     ],
 )
 @pytest.mark.parametrize("n", [1, 2])
-def test_the_response_id_and_the_x_request_id_find_vllms_engine_ids(sent_to_engine, response_id, header, n):
+def test_the_response_id_finds_vllms_engine_ids_and_the_bare_x_request_id_does_not(sent_to_engine, response_id, n):
     engine_ids = _vllm_engine_ids(sent_to_engine, n)
     assert len(set(engine_ids)) == n
     for engine_id in engine_ids:
-        assert id_pattern(response_id).fullmatch(engine_id)
-        if header:
-            assert id_pattern(header).fullmatch(engine_id)
-        assert not id_pattern(response_id + "x").fullmatch(engine_id)
-        assert not id_pattern("cmpl-5f3a9c2e").fullmatch(engine_id)  # a prefix of an id is another id
-    assert not id_pattern("cmpl-mine").fullmatch("chatcmpl-mine-1a2b3c4d")
+        keys = lookup_keys(engine_id)
+        assert response_id in keys
+        assert "mine" not in keys and "cmpl-5f3a9c2e" not in keys and response_id + "x" not in keys
+    assert "cmpl-mine" not in lookup_keys(_vllm_engine_ids("chatcmpl-mine")[0])
 
 
-def test_files_stay_bounded_and_live_reports_survive_rotation(tmp_path):
-    recorder = _recorder(tmp_path, max_lines=10)
+def _many(recorder, ids, xargs={"am_ratio": 0.1}):  # noqa: B006 - read only
+    for req_id in ids:
+        _admit(recorder, req_id, 100, xargs)
+    recorder.flush()
+
+
+def test_a_reused_client_chosen_id_is_answered_to_neither_client(tmp_path):
+    """Two clients sending X-Request-Id "mine": the same response id, two of vLLM's random suffixes."""
+    recorder = _recorder(tmp_path)
+    first, second = _vllm_engine_ids("cmpl-mine-0")[0], _vllm_engine_ids("cmpl-mine-0")[0]
+    _many(recorder, [first])
+    (report,) = find_reports("cmpl-mine", tmp_path)  # alone, the id answers
+    assert report["request_id"] == first
+    _many(recorder, [second])
+    with pytest.raises(AmbiguousId):
+        find_reports("cmpl-mine", tmp_path)
+    assert find_reports("mine", tmp_path) == []  # the bare header is not an id the server answers
+
+
+def test_a_reused_chat_id_alone_and_as_a_sub_request_is_ambiguous(tmp_path):
+    recorder = _recorder(tmp_path)
+    _many(recorder, [_vllm_engine_ids("chatcmpl-mine")[0], _vllm_engine_ids("chatcmpl-mine_1")[0]])
+    with pytest.raises(AmbiguousId):
+        find_reports("chatcmpl-mine", tmp_path)
+    assert len(find_reports("chatcmpl-mine_1", tmp_path)) == 1
+
+
+def test_the_prompts_and_samples_of_one_response_are_one_submission(tmp_path):
+    recorder = _recorder(tmp_path)
+    _many(recorder, [*_vllm_engine_ids("cmpl-batch-0", 2), *_vllm_engine_ids("cmpl-batch-1", 2)])
+    assert len(find_reports("cmpl-batch", tmp_path)) == 4
+
+
+def test_without_vllms_random_suffix_a_reused_engine_id_is_ambiguous(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "1")
+    recorder = _recorder(tmp_path)
+    _many(recorder, ["cmpl-mine-0"])
+    recorder.finished("cmpl-mine-0")
+    assert len(find_reports("cmpl-mine", tmp_path)) == 1
+    _many(recorder, ["cmpl-mine-0"])  # another client, the same id once the first has finished
+    with pytest.raises(AmbiguousId):
+        find_reports("cmpl-mine", tmp_path)
+
+
+def test_the_same_id_on_two_engines_is_ambiguous_and_one_engine_answers_alone(tmp_path):
+    """Data parallel: each engine has its own folder; the front end merges them."""
+    one, two = (ReportRecorder(SERVER, BLOCK, engine_index=i, directory=str(tmp_path)) for i in (0, 1))
+    _many(one, [_vllm_engine_ids("cmpl-dp-0")[0]])
+    assert len(find_reports("cmpl-dp", tmp_path)) == 1
+    _many(two, [_vllm_engine_ids("cmpl-dp-0")[0]])
+    with pytest.raises(AmbiguousId):
+        find_reports("cmpl-dp", tmp_path)
+
+
+def test_a_lookup_reads_one_small_file_whatever_the_number_of_reports(tmp_path, monkeypatch):
+    recorder = _recorder(tmp_path)
+    _many(recorder, [f"cmpl-{i:05d}-0-{i:08x}" for i in range(1500)])
+    stored = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    read = []
+    real_open = io.open
+
+    def counting_open(file, *args, **kwargs):
+        read.append(os.path.getsize(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)
+    (report,) = find_reports("cmpl-00042", tmp_path)
+    monkeypatch.undo()
+    assert report["request_id"] == "cmpl-00042-0-0000002a"
+    assert len(read) == 1 and sum(read) < 2000 < stored / 100
+
+
+def test_memory_and_files_stay_bounded_and_live_reports_are_kept(tmp_path):
+    recorder = _recorder(tmp_path, max_reports=10)
     _admit(recorder, "long-00000000", 650, {"am_ratio": 0.1})  # stays in the engine throughout
     recorder.flush()
     for i in range(1, 60):
-        _admit(recorder, f"r{i}-{i:08x}", 100, None)
+        _admit(recorder, f"r{i}-{i:08x}", 100, {"am_ratio": 0.1})
         recorder.finished(f"r{i}-{i:08x}")
         recorder.flush()
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and all(p.name.startswith("reports-0-") for p in tmp_path.iterdir())
-    assert sum(len(p.read_text().splitlines()) for p in tmp_path.iterdir()) <= 2 * (10 + 2)
-    assert find_reports("long", tmp_path)[0]["status"] == PENDING  # rewritten into each fresh file
+    assert len(list(tmp_path.rglob("*.json"))) == 10 and recorder._held == 10 and len(recorder._keys) == 10
+    assert find_reports("long", tmp_path)[0]["status"] == PENDING  # live: never dropped
     assert find_reports("r59", tmp_path)[0]["finished"]
     assert find_reports("r1", tmp_path) == []  # old enough to be gone
-    assert recorder.live.keys() == {"long-00000000"}  # memory: live requests only
+    assert recorder.live.keys() == {"long-00000000"}
 
 
-def test_a_line_being_written_is_skipped_not_an_error(tmp_path):
-    recorder = _recorder(tmp_path)
-    _admit(recorder, "ok-00000001", 650, None)
+def test_a_full_recorder_rewrites_only_what_changed(tmp_path, monkeypatch):
+    """Once at its bound, a step with one changed report writes one file (no rotation of everything)."""
+    import vllm_attnmatch.report as report_module
+
+    recorder = _recorder(tmp_path, max_reports=8)
+    _many(recorder, [f"live{i}-{i:08x}" for i in range(8)])
+    for i in range(8, 30):
+        _admit(recorder, f"done{i}-{i:08x}", 100, {"am_ratio": 0.1})
+        recorder.finished(f"done{i}-{i:08x}")
+        recorder.flush()
+    writes = []
+    real = report_module.atomic_write
+    monkeypatch.setattr(report_module, "atomic_write", lambda path, text: (writes.append(path), real(path, text)))
+    recorder.finished("live3-00000003")
     recorder.flush()
-    (path,) = tmp_path.iterdir()
-    with path.open("a") as handle:
-        handle.write(json.dumps({"request_id": "ok-00000002"})[:15])
-    assert [r["request_id"] for r in find_reports("ok", tmp_path)] == ["ok-00000001"]
+    assert len(writes) == 1
+
+
+def test_reports_of_another_run_in_the_same_directory_are_ignored(tmp_path):
+    old = ReportRecorder(SERVER, BLOCK, directory=str(tmp_path), run="0123456789abcdef")
+    _many(old, ["cmpl-stale-0-00000001"])
+    assert find_reports("cmpl-stale", tmp_path, run="0123456789abcdef")
+    assert find_reports("cmpl-stale", tmp_path, run="fedcba9876543210") == []
+
+
+def test_the_engines_shutdown_removes_its_report_files(tmp_path, monkeypatch, make_scheduler, make_request):
+    from vllm_attnmatch.metrics import RUN_ID_ENV, STATS_DIR_ENV
+
+    monkeypatch.setenv(STATS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(RUN_ID_ENV, "00000000000000aa")
+    scheduler = make_scheduler(64)
+    scheduler.add_request(make_request("cmpl-x-0-00000001", list(range(200)), am_ratio=0.5))
+    scheduler.am_reports.flush()
+    assert find_reports("cmpl-x", tmp_path)[0]["status"] == PENDING
+    scheduler.shutdown()
+    assert not any(p.name.startswith("reports-") for p in tmp_path.iterdir())
 
 
 def test_the_route_serves_reports_and_a_clear_404_through_vllms_endpoint_plugins(tmp_path, monkeypatch):
@@ -253,6 +363,11 @@ def test_the_route_serves_reports_and_a_clear_404_through_vllms_endpoint_plugins
     assert missing.status_code == 404
     error = missing.json()["error"]
     assert error["code"] == 404 and "no attnmatch report for id 'chatcmpl-nope'" in error["message"]
+    assert "only requests that asked for compaction" in error["message"]
+    _many(recorder, [_vllm_engine_ids("cmpl-mine-0")[0], _vllm_engine_ids("cmpl-mine-0")[0]])  # two clients
+    reused = client.get("/v1/attnmatch/requests/cmpl-mine")
+    assert reused.status_code == 409 and "data" not in reused.json()
+    assert "more than one client" in reused.json()["error"]["message"]
 
     plain = FastAPI()
     attach_endpoint_plugins(plain, ("embed",))  # a pooling server gets no generation report route
@@ -261,9 +376,64 @@ def test_the_route_serves_reports_and_a_clear_404_through_vllms_endpoint_plugins
 
 
 def test_the_report_module_imports_no_vllm():
-    import subprocess
-    import sys
-
     code = "import sys, vllm_attnmatch.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# -- the run directory (shared with the metrics files) --------------------------------------------------
+
+
+def test_the_run_directory_is_private_unique_and_removed_when_the_front_end_exits():
+    code = (
+        "import os, stat; from vllm_attnmatch import metrics; d = metrics.install_collector(); "
+        "print(d, oct(stat.S_IMODE(os.stat(d).st_mode)), os.environ[metrics.RUN_ID_ENV])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_ATTNMATCH_")}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+            for _ in range(2)]
+    (dir1, mode1, run1), (dir2, mode2, run2) = (r.stdout.split() for r in runs)
+    assert mode1 == mode2 == "0o700" and dir1 != dir2 and run1 != run2
+    assert not os.path.exists(dir1) and not os.path.exists(dir2)
+
+
+def test_an_inherited_directory_is_reused_only_when_private_and_of_a_run(tmp_path, monkeypatch):
+    from vllm_attnmatch import metrics
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    monkeypatch.setenv(metrics.RUN_ID_ENV, "0123456789abcdef")
+    monkeypatch.setenv(metrics.STATS_DIR_ENV, str(shared))
+    assert metrics._inherited_dir() is None
+    monkeypatch.setenv(metrics.STATS_DIR_ENV, str(private))
+    assert metrics._inherited_dir() == str(private)
+    monkeypatch.setenv(metrics.RUN_ID_ENV, "")
+    assert metrics._inherited_dir() is None
+
+
+def test_counters_of_another_run_are_not_summed(tmp_path, monkeypatch):
+    from vllm_attnmatch import metrics
+
+    (tmp_path / "engine-ffffffffffffffff-0-1.json").write_text(json.dumps({"compactions": 7}))
+    monkeypatch.setenv(metrics.RUN_ID_ENV, "0123456789abcdef")
+    stats = metrics.CompactionStats(0, str(tmp_path))
+    stats.add("compactions", 2)
+    stats.flush()
+    assert metrics.read_totals(tmp_path)["compactions"] == 2
+
+
+def test_a_counters_write_never_follows_a_planted_temporary_name(tmp_path, monkeypatch):
+    from vllm_attnmatch import metrics
+
+    monkeypatch.setenv(metrics.RUN_ID_ENV, "0123456789abcdef")
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    stats = metrics.CompactionStats(0, str(tmp_path))
+    stats._path.with_suffix(".tmp").symlink_to(victim)  # the old, predictable name
+    stats.add("compactions")
+    stats.flush()
+    assert victim.read_text() == "keep" and json.loads(stats._path.read_text())["compactions"] == 1
+    assert stat.S_IMODE(stats._path.stat().st_mode) == 0o600

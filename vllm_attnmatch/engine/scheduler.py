@@ -343,3 +343,7 @@ class AttnMatchScheduler(Scheduler):
                 )
         self.am_reports.finished(request.request_id, state.peak_physical if state is not None else None)
         return super()._free_request(request, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self.am_reports.close()  # this engine's report files (the front end removes the run directory)
+        super().shutdown()
