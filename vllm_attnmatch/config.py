@@ -163,6 +163,12 @@ class ServerConfig(BaseModel):
     online_query_tokens: int = Field(default=1024, ge=1, le=MAX_TOKENS_BOUND)
     # Reference queries and limits.
     max_query_tokens: int = Field(default=4096, ge=1, le=MAX_TOKENS_BOUND)
+    # Memory (MiB, per device) for the reference queries captured from prefills and online rings, held
+    # outside vLLM's KV pool until their compaction ends. The scheduler reserves each compacting request's
+    # worst case (its capture rows x layers x query heads x head size) when its capture starts; one that
+    # does not fit is served uncompacted, its report saying "capture budget ... MiB exhausted". None: room
+    # for 4 concurrent captures of min(max_query_tokens, max_model_len) rows (logged at start-up).
+    capture_budget_mib: float | None = Field(default=None, gt=0.0, le=float(1 << 24))
     # Other sources mixed into the one a request picks, with a cap in query rows each (e.g. am_queries
     # "repeat" with {"context": 1024} adds up to 1024 of the prefill's own queries). Empty: one source.
     query_mix: dict[QuerySource, Annotated[int, Field(ge=0, le=MAX_TOKENS_BOUND)]] = Field(

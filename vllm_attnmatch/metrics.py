@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 
 STATS_DIR_ENV = "VLLM_ATTNMATCH_STATS_DIR"
-RUN_ID_ENV = "VLLM_ATTNMATCH_RUN_ID"
+RUN_ID_ENV = "ATTNMATCH_RUN_ID"  # no VLLM_ prefix: vLLM warns about VLLM_* names it does not know
 _RUN_ID = re.compile(r"[0-9a-f]{16}")
 PREFIX = "vllm_attnmatch_"
 

@@ -306,6 +306,17 @@ class ReportRecorder:
             online=True,
         )
 
+    def capture_refused(self, req_id: str, reason: str, online: bool) -> None:
+        """Its captured queries would not fit in the capture budget: not compacted (online: not again)."""
+        report = self.live.get(req_id)
+        if report is None:
+            return
+        if report.compacted:
+            report.note = reason  # the compaction it already has still stands
+        else:
+            report.status, report.reason = NOT_COMPACTED, reason
+        self._changed(report)
+
     def skipped(self, req_id: str, reason: str, online: bool = False) -> None:
         """A compaction was not attempted (no free blocks, nothing to compact under the ceiling, …)."""
         report = self.live.get(req_id)

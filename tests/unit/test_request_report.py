@@ -389,7 +389,7 @@ def test_the_run_directory_is_private_unique_and_removed_when_the_front_end_exit
         "import os, stat; from vllm_attnmatch import metrics; d = metrics.install_collector(); "
         "print(d, oct(stat.S_IMODE(os.stat(d).st_mode)), os.environ[metrics.RUN_ID_ENV])"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_ATTNMATCH_")}
+    env = {k: v for k, v in os.environ.items() if "ATTNMATCH_" not in k}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
             for _ in range(2)]
     (dir1, mode1, run1), (dir2, mode2, run2) = (r.stdout.split() for r in runs)

@@ -7,6 +7,7 @@ plugin's parts, one concern per module.
 - ``online``: when an ``am_max_kv_tokens`` request re-compacts;
 - ``allocation``: the job's destination blocks, admitted beside vLLM's reservations;
 - ``booking``: applied / failed / skipped / cancelled, counters, the compacted-prefix store;
+- ``capture_budget``: the memory of captured reference queries, reserved per request before it captures;
 - ``request_state``: each request's compaction phase (an explicit state machine).
 
 A job is shipped on the ``SchedulerOutput`` of the step that completes the prefix (or reaches the
@@ -29,6 +30,16 @@ from vllm_attnmatch.config import ServerConfig, server_config_from
 from vllm_attnmatch.engine.admission import Admission
 from vllm_attnmatch.engine.allocation import DestinationAllocator
 from vllm_attnmatch.engine.booking import Booking
+from vllm_attnmatch.engine.capture_budget import (
+    MIB,
+    ONLINE,
+    PREFILL,
+    CaptureBudget,
+    CaptureShape,
+    default_budget_bytes,
+    online_rows,
+    prefill_rows,
+)
 from vllm_attnmatch.engine.chunking import clamp_new_tokens, online_capture_stride, prefill_capture_stride
 from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
 from vllm_attnmatch.engine.jobs import (
@@ -91,6 +102,7 @@ class AttnMatchScheduler(Scheduler):
                 self.attnmatch.head_budget_max_factor,
             )
         self.am_reports = ReportRecorder(self.attnmatch, self.block_size, engine_index)  # per-request reports
+        self._am_capture = self._capture_budget(vllm_config)
         self._am_admission = Admission(self.attnmatch, self.block_size, store, head_plan)
         self._am_allocator = DestinationAllocator(self.kv_cache_manager, self.am_manager, self.block_size)
         self._am_booking = Booking(self.attnmatch, self.am_stats, self.am_manager, self._am_allocator, store, self.block_size)
@@ -105,6 +117,31 @@ class AttnMatchScheduler(Scheduler):
     @property
     def am_manager(self) -> AttnMatchFullAttentionManager:
         return self._am_managers[0]
+
+    def _capture_budget(self, vllm_config) -> CaptureBudget:
+        """The capture memory budget of this engine's devices, logged once."""
+        model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+        shape = CaptureShape(
+            num_layers=model_config.get_num_layers(parallel),
+            num_query_heads=model_config.get_num_attention_heads(parallel),  # this rank's heads
+            head_size=model_config.get_head_size(),
+            dtype_bytes=model_config.dtype.itemsize,
+        )
+        self._am_max_model_len = model_config.max_model_len
+        configured = self.attnmatch.capture_budget_mib
+        if configured is not None:
+            limit, origin = int(configured * MIB), "capture_budget_mib"
+        else:
+            limit = default_budget_bytes(shape, self.attnmatch.max_query_tokens, self._am_max_model_len)
+            origin = "default: 4 captures of min(max_query_tokens, max_model_len) rows"
+        logger.info(
+            "vllm-attnmatch capture budget %.1f MiB per device (%s); a captured row takes %d bytes "
+            "(%d layers x %d query heads x %d x %d bytes + its position); compactions that do not fit are "
+            "served uncompacted",
+            limit / MIB, origin, shape.row_bytes, shape.num_layers, shape.num_query_heads, shape.head_size,
+            shape.dtype_bytes,
+        )
+        return CaptureBudget(limit, shape)
 
     # -- admission (vLLM hooks) ---------------------------------------------------------------------
 
@@ -166,6 +203,7 @@ class AttnMatchScheduler(Scheduler):
         plan = StepPlan(swaps=self._am_swaps, preserve_bias=self._held_hits(output), cancel=self._am_cancel)
         self._am_swaps, self._am_hits, self._am_cancel = {}, {}, []
         self._plan_slices(output, plan)
+        self._release_captures()
         for req_id in list(output.num_scheduled_tokens):
             state = self._am_requests.get(req_id)
             if state is None:
@@ -174,11 +212,13 @@ class AttnMatchScheduler(Scheduler):
             if state.prefilling:
                 self._admitted(request, state)
             if state.prefilling:
+                self._reserve_capture(req_id, state)  # no room: served uncompacted (online: it watches)
+            if state.prefilling:
                 span_end = state.layout.span_end
                 plan.capture_stride[req_id] = prefill_capture_stride(span_end, self.attnmatch.max_query_tokens)
                 if request.num_computed_tokens == span_end:
                     self._plan_job(request, state, state.layout, plan)
-            elif state.watching:
+            elif state.watching and self._reserve_capture(req_id, state):
                 self._plan_online(output, plan, request, state)
             offset = self.am_manager.offsets.get(req_id)
             if offset is not None:
@@ -213,6 +253,37 @@ class AttnMatchScheduler(Scheduler):
         self.am_stats.add("prefill_tokens_saved", layout.span_end)
         state.settle(CompactionPhase.APPLIED)
         self.am_reports.prefix_hit(request.request_id, layout)
+
+    def _reserve_capture(self, req_id: str, state: RequestCompaction) -> bool:
+        """Reserve the capture memory of a request about to capture (prefilling or watching); when it does
+        not fit, its compaction is not attempted and its report says why. Before any worker allocates."""
+        if state.prefilling:
+            kind, rows = PREFILL, prefill_rows(state.layout.span_end, self.attnmatch.max_query_tokens)
+        else:
+            kind, rows = ONLINE, online_rows(self.attnmatch.online_query_tokens, self._am_max_model_len)
+        if self._am_capture.reserve(req_id, kind, rows):
+            return True
+        reason = self._am_capture.exhausted_reason(rows)
+        if kind == PREFILL:
+            self._am_booking.skip(req_id, state, reason)  # an online request then watches its ceiling
+        else:
+            self._am_booking.skip(req_id, None, reason)
+            state.move(CompactionPhase.STOPPED)  # it grows past its ceiling
+        self.am_reports.capture_refused(req_id, reason, online=kind == ONLINE)
+        return False
+
+    def _release_captures(self) -> None:
+        """Give back the capture memory of requests that no longer hold captured queries: gone, settled,
+        or a prompt compaction's reservation once the request watches its ceiling (it reserves its ring)."""
+        for req_id, kind in self._am_capture.held().items():
+            state = self._am_requests.get(req_id)
+            holds = state is not None and (
+                state.in_flight
+                or (state.prefilling and kind == PREFILL)
+                or (state.watching and kind == ONLINE)
+            )
+            if not holds:
+                self._am_capture.release(req_id)
 
     def _plan_slices(self, output, plan: StepPlan) -> None:
         """Layers of each in-flight job to run after this step's forward: a bounded slice while other
@@ -324,10 +395,12 @@ class AttnMatchScheduler(Scheduler):
             self._am_booking.cancel(state)
             state.restart()  # the compaction (done or in flight) dies with the blocks
             self._am_cancel.append(request.request_id)
+            self._am_capture.release(request.request_id)  # reserved again when it captures again
         return super()._preempt_request(request, *args, **kwargs)
 
     def _free_request(self, request, *args, **kwargs):
         state = self._am_requests.pop(request.request_id, None)
+        self._am_capture.release(request.request_id)
         if state is not None:
             self._am_booking.cancel(state)
             if state.in_flight:

@@ -1,0 +1,119 @@
+"""Captured reference queries stay inside a memory budget (issue 21 §2), on vLLM's real scheduler,
+KV-cache manager and block pool: the scheduler reserves each compacting request's capture before any
+worker captures, a request that does not fit is served uncompacted with the reason in its report, and the
+memory comes back when its compaction ends. Only the worker is stood in for (each job is done on the step
+its layers run, writing no KV)."""
+
+from __future__ import annotations
+
+import pytest
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import RequestStatus
+
+from vllm_attnmatch.config import ConfigError, parse_server_config
+from vllm_attnmatch.engine.capture_budget import MIB, online_rows, prefill_rows
+from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult
+from vllm_attnmatch.report import COMPACTED, NOT_COMPACTED
+
+BLOCK = 16
+ROW_BYTES = 30 * 9 * 64 * 4 + 8  # SmolLM2-135M in float32: layers x query heads x head size x 4 B + position
+PROMPT = 136  # a 128-token span (8 blocks) and a raw tail: 128 captured rows, 8.4 MiB
+
+
+@pytest.fixture
+def budget_scheduler(engine_config, make_scheduler, monkeypatch):
+    """``budget_scheduler(mib)``: the plugin's scheduler with ``capture_budget_mib=mib`` (None: default)."""
+
+    def make(mib, num_blocks: int = 400):
+        section = {} if mib is None else {"capture_budget_mib": mib}
+        monkeypatch.setitem(engine_config.additional_config, "attnmatch", section)
+        return make_scheduler(num_blocks)
+
+    return make
+
+
+def _step(scheduler, shipped: dict) -> None:
+    """One engine step; a stand-in worker reports each job done on the step its layers run."""
+    output = scheduler.schedule()
+    ids = list(output.num_scheduled_tokens)
+    tokens = [[5] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens else [] for r in ids]
+    runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=tokens)
+    plan = getattr(output, SCHEDULER_OUTPUT_ATTR, None)
+    if plan is not None:
+        shipped.update({job.req_id: job for job in plan.jobs})
+        results = [
+            CompactionResult(r, True, 0.0, shipped[r].layout.num_tokens, shipped[r].layout.physical_len,
+                             job_id=shipped.pop(r).job_id)
+            for r in plan.slices
+        ]
+        setattr(runner, RUNNER_OUTPUT_ATTR, results)
+    scheduler.update_from_output(output, runner)
+
+
+def _run(scheduler, requests, steps: int = 200):
+    """Every request arrives at once; the engine steps until all are finished. Returns the most capture
+    memory reserved at once."""
+    for request in requests:
+        scheduler.add_request(request)
+    shipped, peak = {}, 0
+    for _ in range(steps):
+        if all(r.is_finished() for r in requests):
+            return peak
+        _step(scheduler, shipped)
+        peak = max(peak, scheduler._am_capture.used)
+    raise AssertionError("requests did not finish")
+
+
+def _reports(scheduler, requests) -> dict[str, object]:
+    """The final report of each request (the recorder's retained reports, by engine id)."""
+    return {r.request_id: scheduler.am_reports._keys[r.request_id].reports[r.request_id] for r in requests}
+
+
+def test_a_tiny_budget_serves_many_concurrent_compactions_without_a_crash_and_reports_why(budget_scheduler, make_request):
+    scheduler = budget_scheduler(20)  # two 8.4 MiB prompt captures fit, a third does not
+    prompts = [make_request(f"p{i}", list(range(1000 * i, 1000 * i + PROMPT)), am_ratio=0.25) for i in range(12)]
+    online = [make_request(f"o{i}", list(range(50000 + 100 * i, 50000 + 100 * i + 40)), am_max_kv_tokens=64)
+              for i in range(2)]
+    peak = _run(scheduler, prompts + online)
+    reports = _reports(scheduler, prompts + online)
+    compacted = [r for r in reports.values() if r.status == COMPACTED]
+    refused = [r for r in reports.values() if r.status == NOT_COMPACTED]
+    assert len(compacted) == 2 and len(refused) == 12
+    assert 0 < peak <= 20 * MIB
+    assert all(r.reason.startswith("capture budget 20.0 MiB exhausted") and r.reason.endswith("served uncompacted")
+               for r in refused)
+    assert all(r.finished for r in reports.values())
+    assert scheduler._am_capture.used == 0 and scheduler._am_capture.held() == {}  # everything given back
+    assert scheduler.am_stats.values["skipped"] == 12
+
+
+def test_the_memory_comes_back_when_a_compaction_ends_not_when_its_request_does(budget_scheduler, make_request):
+    scheduler = budget_scheduler(10)  # one prompt capture at a time
+    first = make_request("first", list(range(1000, 1000 + PROMPT)), am_ratio=0.25)
+    scheduler.add_request(first)
+    shipped: dict = {}
+    while not _reports(scheduler, [first])["first"].compacted:
+        _step(scheduler, shipped)
+    _step(scheduler, shipped)
+    assert not first.is_finished() and scheduler._am_capture.used == 0  # still decoding, capture given back
+    second = make_request("second", list(range(3000, 3000 + PROMPT)), am_ratio=0.25)
+    _run(scheduler, [second])
+    assert [r.status for r in _reports(scheduler, [first, second]).values()] == [COMPACTED, COMPACTED]
+
+
+def test_a_capture_is_reserved_before_the_workers_capture_and_released_on_abort(budget_scheduler, make_request):
+    scheduler = budget_scheduler(10)
+    scheduler.add_request(make_request("a", list(range(1000, 1000 + PROMPT)), am_ratio=0.25))
+    output = scheduler.schedule()
+    plan = getattr(output, SCHEDULER_OUTPUT_ATTR)
+    assert "a" in plan.capture_stride and scheduler._am_capture.used == prefill_rows(128, 4096) * ROW_BYTES
+    scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    assert scheduler._am_capture.used == 0
+
+
+def test_the_default_budget_holds_four_largest_captures_and_the_key_overrides_it(budget_scheduler):
+    assert budget_scheduler(None)._am_capture.limit == 4 * min(4096, 2048) * ROW_BYTES
+    assert budget_scheduler(1.5)._am_capture.limit == int(1.5 * MIB)
+    assert online_rows(1024, 2048) == 4096  # an online ring's worst case: ring peak plus the job's copy
+    with pytest.raises(ConfigError, match="capture_budget_mib"):
+        parse_server_config({"capture_budget_mib": 0})
