@@ -48,12 +48,15 @@ COUNTERS: dict[str, str] = {
     "prefix_misses": "Compacting requests that found no reusable compacted prefix",
     "prefix_evictions": "Stored compacted prefixes evicted from the KV pool (a block reused for other KV)",
     "prefill_tokens_saved": "Prompt tokens not prefilled thanks to compacted-prefix hits",
+    "capture_refused": "Compactions not attempted: their captured queries did not fit in capture_budget_mib",
 }
 
 #: gauge name -> help text (exported as ``vllm_attnmatch_<name>``; summed over engines)
 GAUGES: dict[str, str] = {
     "kv_free_blocks": "KV blocks free in the pool (including evictable prefix-cache blocks)",
     "kv_total_blocks": "KV blocks in the pool",
+    "capture_budget_bytes": "Memory budget for captured reference queries (capture_budget_mib), per device",
+    "capture_reserved_bytes": "Memory reserved now for captured reference queries, per device",
 }
 
 

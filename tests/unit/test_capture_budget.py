@@ -84,7 +84,9 @@ def test_a_tiny_budget_serves_many_concurrent_compactions_without_a_crash_and_re
                for r in refused)
     assert all(r.finished for r in reports.values())
     assert scheduler._am_capture.used == 0 and scheduler._am_capture.held() == {}  # everything given back
-    assert scheduler.am_stats.values["skipped"] == 12
+    assert scheduler.am_stats.values["skipped"] == scheduler.am_stats.values["capture_refused"] == 12
+    assert scheduler.am_stats.values["capture_budget_bytes"] == 20 * MIB
+    assert scheduler.am_stats.values["capture_reserved_bytes"] == 0
 
 
 def test_the_memory_comes_back_when_a_compaction_ends_not_when_its_request_does(budget_scheduler, make_request):

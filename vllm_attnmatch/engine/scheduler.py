@@ -264,6 +264,7 @@ class AttnMatchScheduler(Scheduler):
         if self._am_capture.reserve(req_id, kind, rows):
             return True
         reason = self._am_capture.exhausted_reason(rows)
+        self.am_stats.add("capture_refused")
         if kind == PREFILL:
             self._am_booking.skip(req_id, state, reason)  # an online request then watches its ceiling
         else:
@@ -378,6 +379,8 @@ class AttnMatchScheduler(Scheduler):
         pool = self.kv_cache_manager.block_pool
         self.am_stats.set("kv_free_blocks", pool.get_num_free_blocks())
         self.am_stats.set("kv_total_blocks", pool.num_gpu_blocks - 1)  # minus the null block
+        self.am_stats.set("capture_budget_bytes", self._am_capture.limit)
+        self.am_stats.set("capture_reserved_bytes", self._am_capture.used)
         self.am_stats.flush()
         self.am_reports.flush()  # before this step's outputs leave: a finished client finds its report
 
