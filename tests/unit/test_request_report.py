@@ -437,3 +437,22 @@ def test_a_counters_write_never_follows_a_planted_temporary_name(tmp_path, monke
     stats.flush()
     assert victim.read_text() == "keep" and json.loads(stats._path.read_text())["compactions"] == 1
     assert stat.S_IMODE(stats._path.stat().st_mode) == 0o600
+
+
+def test_another_process_of_the_run_answers_from_the_inherited_directory(tmp_path):
+    """--api-server-count > 1: each API-server process inherits the run directory and id through its
+    environment (vLLM spawns them after the config hook ran) and reads the engine's files itself."""
+    from vllm_attnmatch import metrics
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    recorder = ReportRecorder(SERVER, BLOCK, directory=str(run_dir), run="0123456789abcdef")
+    _many(recorder, [_vllm_engine_ids("cmpl-other-0")[0]])
+    code = (
+        "from vllm_attnmatch import metrics, report; d = metrics._inherited_dir(); "
+        "print(d, [r['status'] for r in report.find_reports('cmpl-other')])"
+    )
+    env = {k: v for k, v in os.environ.items() if "ATTNMATCH_" not in k}
+    env.update({metrics.STATS_DIR_ENV: str(run_dir), metrics.RUN_ID_ENV: "0123456789abcdef"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == f"{run_dir} ['{NOT_COMPACTED}']"
