@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm_attnmatch.algorithms import BASELINES, METHODS, budget, compact, group_queries
+from vllm_attnmatch.algorithms.highest_attention import RECONSTRUCTION
+from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
 from vllm_attnmatch.algorithms.targets import compute_targets
 
@@ -67,11 +69,14 @@ class Workload:
             mid = tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
             seq = self.doc + mid + self.doc
             t0 = time.perf_counter()
-            _, _, rq = model.prefill(seq)
-            self.query_s["repeat"] = time.perf_counter() - t0
+            _, whole, rq = model.prefill(seq)
             start = len(self.doc) + len(mid)
             pos = torch.arange(start, len(seq))
             self.queries["repeat"] = [group_queries(q[start:], H, pos) for q in rq]
+            # KVzip's reconstruction score (what the served repeat source computes for reduction=reconstruction)
+            self.key_scores = [reconstruction_scores(q, kv.keys, p, len(self.doc), model.scale)
+                               for (q, p), kv in zip(self.queries["repeat"], whole)]
+            self.query_s["repeat"] = time.perf_counter() - t0
 
 
 def run_one(w: Workload, method: str, ratio: float, source: str, options: dict | None = None,
@@ -86,8 +91,11 @@ def run_one(w: Workload, method: str, ratio: float, source: str, options: dict |
     for layer, kv in enumerate(w.cache):
         q, qpos = w.queries[source][layer]
         t0 = time.perf_counter()
+        extra = {}
+        if source == "repeat" and options.get("reduction") == RECONSTRUCTION:
+            extra["key_scores"] = w.key_scores[layer]
         r = compact(kv.keys, kv.values, q, t, method, query_positions=qpos, key_positions=w.key_positions,
-                    **options)
+                    **options, **extra)
         secs += time.perf_counter() - t0
         cache.append(LayerKV(r.keys, r.values, r.beta))
         if r.gate is not None:

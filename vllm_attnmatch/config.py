@@ -25,7 +25,7 @@ Method = Literal["highest_attention", "omp", "snapkv", "h2o", "tova", "streaming
 QuerySource = Literal["context", "repeat", "self_study"]
 METHOD_NAMES: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 QUERY_SOURCES: tuple[str, ...] = QuerySource.__args__  # type: ignore[attr-defined]
-PRESETS: tuple[str, ...] = ("default", "fast", "quality", "online", "paper")
+PRESETS: tuple[str, ...] = ("default", "fast", "quality", "online", "paper", "documents")
 
 # Bounds that keep a single request from asking for absurd work; generous for real contexts.
 MAX_TOKENS_BOUND = 10_000_000

@@ -36,6 +36,28 @@ def test_repeat_queries_are_those_of_the_repeated_copy_after_the_context(setup):
     assert len(cache[0]) == len(ids)
 
 
+def test_repeat_source_scores_each_context_key_by_its_largest_attention_over_the_whole_copy(setup):
+    model, tok, ids, cache = setup
+    prompt = tok("\nRepeat the previous context verbatim.\n", add_special_tokens=False)["input_ids"]
+    made = repeat_queries(model, cache, ids, prompt, max_tokens=40, key_scores=True)
+    assert "key_scores" not in repeat_queries(model, cache, ids, prompt, max_tokens=40).info
+    seq = ids + prompt + ids[:40]
+    _, whole_cache, whole = model.prefill(seq)
+    start = len(ids) + len(prompt)
+    H, g = model.num_kv_heads, model.num_heads // model.num_kv_heads
+    for layer in (0, 29):
+        scores = made.info["key_scores"][layer]
+        assert scores.shape == (H, len(ids))
+        # By hand: every query head of the copy, softmax over everything it sees, max over the copy.
+        q = whole[layer][start:]  # (40, H_q, d)
+        k = whole_cache[layer].keys.repeat_interleave(g, 0)  # (H_q, L, d)
+        logits = torch.einsum("nhd,hld->hnl", q, k) * model.scale
+        pos = torch.arange(len(seq))
+        logits.masked_fill_(pos[None, None, :] > torch.arange(start, len(seq))[None, :, None], float("-inf"))
+        expected = torch.softmax(logits, -1)[:, :, : len(ids)].amax(1).view(H, g, -1).amax(1)
+        assert torch.allclose(scores, expected, atol=1e-4)
+
+
 def test_self_study_generates_within_its_token_and_time_bounds(setup):
     model, tok, ids, cache = setup
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("\nSummarize the text.\n", "\nKey facts:\n")]

@@ -84,6 +84,16 @@ def tokenizer(model_dir):
 
 
 @pytest.fixture(scope="session")
+def documents_server(model_dir):
+    """``--attnmatch documents`` (compact once, ask many); started only when a test asks for it."""
+    server = Server("documents", model_dir, {"attnmatch": "documents"}, ["--enforce-eager"])
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def head_budgets_server(model_dir):
     """Plugin on with the bundled non-uniform head budgets; started only when a test asks for it."""
     config = {"attnmatch": {"preset": "default", "head_budgets": "smollm2-135m"}}

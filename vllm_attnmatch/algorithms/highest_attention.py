@@ -18,6 +18,10 @@ import torch
 from .base import CompactionInputs, Method, register
 from .scoring import pool_scores, protected_mask, topk_indices
 
+#: ``reduction`` that selects by KVzip's reconstruction score (:mod:`.kvzip`), which the ``repeat`` query
+#: source computes over the whole repeated sequence; without it (other sources) the ``max`` reduction.
+RECONSTRUCTION = "reconstruction"
+
 
 def attention_scores(inp: CompactionInputs, reduction: str, mix_mean: float = 0.0, pool: int = 0,
                      late_fraction: float = 1.0) -> torch.Tensor:
@@ -47,7 +51,8 @@ class HighestAttention(Method):
 
     Parameters
     ----------
-    reduction : ``rms`` | ``max`` | ``mean`` | ``sum`` over reference queries.
+    reduction : ``rms`` | ``max`` | ``mean`` | ``sum`` over reference queries, or ``reconstruction``: KVzip's
+        score supplied as ``key_scores`` by the ``repeat`` source (``max`` when none is supplied).
     pool : odd max-pool kernel over the sequence (0 = off).
     mix_mean : weight of H2O-style mean attention blended into the score (0 = pure ``reduction``).
     late_fraction : score with the latest fraction of the context's queries only (1 = all).
@@ -68,6 +73,7 @@ class HighestAttention(Method):
         if inp.key_scores is not None:
             scores = pool_scores(inp.key_scores, self.pool)
         else:
-            scores = attention_scores(inp, self.reduction, self.mix_mean, self.pool, self.late_fraction)
+            reduction = "max" if self.reduction == RECONSTRUCTION else self.reduction
+            scores = attention_scores(inp, reduction, self.mix_mean, self.pool, self.late_fraction)
         forced = protected_mask(inp.length, t, self.sinks, int(self.recent * t), scores.device)
         return topk_indices(scores, t, forced)

@@ -154,8 +154,12 @@ def compact_layer(
     extra_positions: torch.Tensor | None = None,
     layer_index: int | None = None,
     timings: dict | None = None,
+    key_scores: torch.Tensor | None = None,
 ):
     """Compact one layer's span; return the full new layout (keys, values, β) and the fit error.
+
+    ``key_scores`` ``(H_kv, ≥ span end)``: key importance a query source computed over the whole prefix
+    (the ``repeat`` source's reconstruction score); the span's part selects the keys.
 
     Device and dtype as the runner hands them over: keys/values in the model dtype on the device, queries
     on the device (any float dtype), positions on the CPU (the step's ``torch.arange``). Queries are moved
@@ -168,6 +172,8 @@ def compact_layer(
     kwargs = dict(job.options)
     kwargs["scale"] = scale
     device = keys.device
+    if key_scores is not None:
+        kwargs["key_scores"] = key_scores[:, first:end].to(device)
     if queries is not None:
         queries = queries.to(device=device, dtype=torch.float32)
     if queries is not None and query_positions is not None:
@@ -336,6 +342,7 @@ class JobRun:
                 extra.positions if extra is not None else None,
                 layer_index(layer) if job.head_targets is not None else None,
                 timings=clock.inner,
+                key_scores=extra.key_scores.get(layer) if extra is not None and extra.key_scores else None,
             )
         clock.lap("prepare")
         return self._write(layer, clock, new_keys, new_values, beta, fit_error)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
+from vllm_attnmatch.algorithms.queries import group_queries
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, PrefixBatch, ReferenceLlama
 
 REPEAT_PROMPT = "\nRepeat the previous context verbatim.\n"
@@ -98,9 +100,16 @@ def _concat(parts: list[tuple[list[torch.Tensor], torch.Tensor]]) -> tuple[list[
 
 
 def repeat_queries(
-    model: ReferenceLlama, cache: list[LayerKV], context_ids: list[int], prompt_ids: list[int], max_tokens: int
+    model: ReferenceLlama, cache: list[LayerKV], context_ids: list[int], prompt_ids: list[int], max_tokens: int,
+    key_scores: bool = False,
 ) -> SyntheticQueries:
-    """Teacher-force ``prompt + context`` after the context; queries of the repeated copy."""
+    """Teacher-force ``prompt + context`` after the context; queries of the repeated copy.
+
+    ``key_scores``: also KVzip's reconstruction score of every context key (``info["key_scores"]``, per
+    layer ``(H_kv, len(context))``): the largest attention a query of the copy gives it, normalised over
+    everything that query sees (:func:`~vllm_attnmatch.algorithms.kvzip.reconstruction_scores`). Only
+    here is the whole repeated sequence at hand, so the score is computed here and not in the fit.
+    """
     started = time.perf_counter()
     start = len(context_ids)
     repeated = list(context_ids[:max_tokens])
@@ -108,8 +117,16 @@ def repeat_queries(
     _, queries = model.forward(list(prompt_ids) + repeated, work, start, return_queries=True)
     skip = len(prompt_ids)
     positions = torch.arange(start + skip, start + skip + len(repeated))
+    info = {}
+    if key_scores:
+        H = model.num_kv_heads
+        info["key_scores"] = [
+            reconstruction_scores(group_queries(q[skip:], H)[0], kv.keys, positions.repeat(model.num_heads // H),
+                                  start, model.scale)
+            for q, kv in zip(queries, work)
+        ]
     return SyntheticQueries(
-        [q[skip:] for q in queries], positions, time.perf_counter() - started, len(prompt_ids) + len(repeated)
+        [q[skip:] for q in queries], positions, time.perf_counter() - started, len(prompt_ids) + len(repeated), info
     )
 
 

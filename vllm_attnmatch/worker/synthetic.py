@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_attnmatch.algorithms.highest_attention import RECONSTRUCTION
 from vllm_attnmatch.algorithms.on_policy import on_policy_pass
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
 from vllm_attnmatch.worker.executor import compact_layer, layer_index
@@ -38,6 +39,7 @@ class ExtraQueries:
     queries: dict[str, torch.Tensor]
     positions: torch.Tensor
     seconds: float
+    key_scores: dict[str, torch.Tensor] | None = None  # layer name -> (H_kv, span end): KVzip scores, if asked
 
     @property
     def query_seconds(self) -> float:
@@ -165,7 +167,8 @@ class SyntheticQueryProducer:
         names, cache, device = self._prefix_cache(job, kv)
         context = prompt_ids[:end]
         if job.queries == "repeat":
-            made = repeat_queries(self.model, cache, context, self.repeat_prompt, self.settings.repeat_max_tokens)
+            made = repeat_queries(self.model, cache, context, self.repeat_prompt, self.settings.repeat_max_tokens,
+                                  key_scores=job.options.get("reduction") == RECONSTRUCTION)
         elif job.queries == "self_study":
             prompts = build_prompts(self.family, self.encode, context)
             made = self_study_batched(
@@ -173,6 +176,8 @@ class SyntheticQueryProducer:
             )
         else:
             raise ValueError(f"unknown query source {job.queries!r}")
+        scores = made.info.get("key_scores")
         return ExtraQueries(
-            {name: q.to(device) for name, q in zip(names, made.queries)}, made.positions, made.seconds
+            {name: q.to(device) for name, q in zip(names, made.queries)}, made.positions, made.seconds,
+            {name: sc.to(device) for name, sc in zip(names, scores)} if scores is not None else None,
         )
