@@ -195,10 +195,17 @@ class ServerConfig(BaseModel):
     # order beside raw cached blocks. 0.5: a compacted block replaces ~1/ratio raw ones plus a prefill
     # and a compaction, yet half the pool stays ordinary prefix cache for requests without am_* keys.
     prefix_pin_share: float = Field(default=0.5, ge=0.0, le=1.0)
-    # A compaction runs over several engine steps, this many layers per step while other requests are
-    # scheduled (all remaining layers when nothing else runs), so that it never freezes the batch.
-    # None: every layer in one step (the batch waits for the whole compaction).
+    # Compactions run over several engine steps, in layer slices, so that they never freeze the batch.
+    # One budget per step for ALL compactions in flight together: while other requests are scheduled, this
+    # many layers per step in total, handed to the jobs oldest first (each job runs as many of them as it
+    # has left, the next job the rest; every job becomes the oldest in turn, so none starves).
+    # None: every layer of every job in one step (the batch waits for the whole compaction).
     compaction_layers_per_step: int | None = Field(default=1, ge=1, le=4096)
+    # The step's budget when nothing else is scheduled (an idle batch): more layers than while busy, yet
+    # a bounded chunk, so a request that arrives meanwhile is scheduled at the next step instead of
+    # after the whole job (the default 8: about a quarter of a 30-layer model's compaction per step, so a
+    # newcomer waits at most that). Never below compaction_layers_per_step.
+    idle_layers_per_step: int = Field(default=8, ge=1, le=4096)
     # Options forwarded to algorithms.compact(); names are the algorithm's. A plain key applies to every
     # method (e.g. {"max_queries": 512}); a method's own options go in its section, used only when a
     # request runs that method (e.g. {"highest_attention": {"reduction": "rms"}, "snapkv": {"window": 64}}).

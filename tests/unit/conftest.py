@@ -30,21 +30,22 @@ def engine_config():
 
 @pytest.fixture
 def make_scheduler(engine_config):
-    """``make_scheduler(num_blocks)``: the plugin's scheduler over a pool of ``num_blocks`` blocks
-    (one of them vLLM's null block)."""
+    """``make_scheduler(num_blocks, num_layers=1)``: the plugin's scheduler over a pool of ``num_blocks``
+    blocks (one of them vLLM's null block) for a KV cache of ``num_layers`` attention layers (what the
+    workers compact, and what the scheduler hands out layer slices of)."""
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
     from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionSpec
     from vllm_attnmatch.engine.scheduler import AttnMatchScheduler
 
-    def make(num_blocks: int):
+    def make(num_blocks: int, num_layers: int = 1):
         engine_config.cache_config.num_gpu_blocks = num_blocks
         spec = AttnMatchFullAttentionSpec(block_size=BLOCK, num_kv_heads=3, head_size=64, dtype=torch.float32)
         kv_config = KVCacheConfig(
             num_blocks=num_blocks,
             kv_cache_tensors=[],
-            kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)],
+            kv_cache_groups=[KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn" for i in range(num_layers)], spec)],
         )
         return AttnMatchScheduler(
             engine_config,
@@ -59,7 +60,8 @@ def make_scheduler(engine_config):
 
 @pytest.fixture
 def make_request(engine_config):
-    """``make_request(req_id, prompt_token_ids, **am_keys)``: a vLLM request with its block hashes."""
+    """``make_request(req_id, prompt_token_ids, max_tokens=8, **am_keys)``: a vLLM request with its block
+    hashes."""
     from vllm import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -69,8 +71,8 @@ def make_request(engine_config):
     init_none_hash(hash_fn)
     hasher = get_request_block_hasher(BLOCK, hash_fn)
 
-    def make(req_id: str, prompt: list[int], **am_keys):
-        params = SamplingParams(max_tokens=8, extra_args=dict(am_keys) or None)
+    def make(req_id: str, prompt: list[int], max_tokens: int = 8, **am_keys):
+        params = SamplingParams(max_tokens=max_tokens, extra_args=dict(am_keys) or None)
         return Request(req_id, list(prompt), params, None, block_hasher=hasher)
 
     return make

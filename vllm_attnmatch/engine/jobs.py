@@ -189,7 +189,9 @@ class StepPlan:
     # req_id -> the leading blocks a request scheduled in this step holds through its compacted-prefix
     # hit: their β is valid and kept; every other block handed out this step gets β = 0
     preserve_bias: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    # req_id -> layers of its in-flight job to run after this step's forward (ALL_LAYERS: the rest).
+    # req_id -> layers of its in-flight job to run after this step's forward (ALL_LAYERS: the rest). The
+    # scheduler hands out one budget per step shared by all jobs (oldest first): a job absent here runs
+    # nothing this step.
     # A job shipped in ``jobs`` runs no layer on its first step; it ends (and reports its result) on the
     # step its last layer runs. Every rank gets the same counts, so every rank ends a job on the same step.
     slices: dict[str, int] = field(default_factory=dict)

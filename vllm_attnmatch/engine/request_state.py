@@ -66,6 +66,7 @@ class RequestCompaction:
     phase: CompactionPhase = CompactionPhase.PREFILLING
     job: CompactionJob | None = None  # the job in flight (IN_FLIGHT only)
     dst_holder: str | None = None  # who holds the job's destination blocks in the manager
+    layers_planned: int = 0  # layers of the job in flight handed out in step plans so far
     prefix_key: bytes | None = None
     # Compacted-prefix lookup of this life: ((layout, key) of the hit, or None for a miss); looked up once.
     lookup_done: bool = False
@@ -94,6 +95,7 @@ class RequestCompaction:
         if to is not CompactionPhase.IN_FLIGHT:
             self.job = None
             self.dst_holder = None
+        self.layers_planned = 0  # a new job, or none: no layer of it has run
 
     def settle(self, outcome: CompactionPhase) -> None:
         """End of a prefill compaction (APPLIED / FAILED / SKIPPED); an online request then watches its
@@ -110,6 +112,7 @@ class RequestCompaction:
         self.phase = self.start_phase
         self.job = None
         self.dst_holder = None
+        self.layers_planned = 0
         self.lookup_done = False
         self.lookup_hit = None
         self.lookup_counted = False

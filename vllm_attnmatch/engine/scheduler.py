@@ -11,8 +11,9 @@ plugin's parts, one concern per module.
 - ``request_state``: each request's compaction phase (an explicit state machine).
 
 A job is shipped on the ``SchedulerOutput`` of the step that completes the prefix (or reaches the
-ceiling) and runs on the workers in layer slices over the next steps (``compaction_layers_per_step``),
-while the request is held out of scheduling and every other request keeps running. Its result comes back
+ceiling) and runs on the workers in layer slices over the next steps, while the request is held out of
+scheduling and every other request keeps running; all jobs in flight share one budget of layers per step
+(``compaction_layers_per_step``, or ``idle_layers_per_step`` when nothing else is scheduled). Its result comes back
 on the step of its last slice and is booked then. Requests without ``am_*`` keys (and no server
 default) are never touched.
 """
@@ -79,6 +80,8 @@ class AttnMatchScheduler(Scheduler):
         self._am_cancel: list[str] = []
         self._am_job_ids = itertools.count(1)
         self._am_hits: dict[str, tuple[int, ...]] = {}  # this step's compacted-prefix hits, by request
+        # The layers every worker compacts per job: those of the KV cache (the runner's own list).
+        self._am_num_layers = sum(len(g.layer_names) for g in self.kv_cache_config.kv_cache_groups)
         engine_index = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
         self.am_stats = CompactionStats(engine_index)
         store = None
@@ -287,14 +290,35 @@ class AttnMatchScheduler(Scheduler):
                 self._am_capture.release(req_id)
 
     def _plan_slices(self, output, plan: StepPlan) -> None:
-        """Layers of each in-flight job to run after this step's forward: a bounded slice while other
-        requests run, everything left when the batch is empty (nobody waits then)."""
+        """Layers of the in-flight jobs to run after this step's forward: ONE budget for the step, shared
+        by every job (``compaction_layers_per_step`` while other requests run; ``idle_layers_per_step``
+        when nothing else is scheduled, a bounded chunk so that a request arriving meanwhile is scheduled
+        at the next step), handed out oldest job first. Runs before this step ships new jobs: those start
+        next step."""
+        in_flight = sorted(
+            ((state.job.job_id, req_id, state) for req_id, state in self._am_requests.items()
+             if state.in_flight and state.job is not None),
+            key=lambda item: item[0],
+        )
+        if not in_flight:
+            return
         per_step = self.attnmatch.compaction_layers_per_step
+        if per_step is None:  # no slicing: every job runs all its layers in this step
+            for _, req_id, _ in in_flight:
+                plan.slices[req_id] = ALL_LAYERS
+            return
         busy = output.total_num_scheduled_tokens > 0
-        count = per_step if (busy and per_step is not None) else ALL_LAYERS
-        for req_id, state in self._am_requests.items():
-            if state.in_flight:  # runs before this step ships new jobs: those start next step
-                plan.slices[req_id] = count
+        budget = per_step if busy else max(per_step, self.attnmatch.idle_layers_per_step)
+        for _, req_id, state in in_flight:
+            if budget <= 0:
+                break
+            # A job whose result has not come back still has a layer to run, whatever the count says:
+            # a job never stalls on a miscount of the workers' layers.
+            left = max(1, self._am_num_layers - state.layers_planned)
+            count = min(left, budget)
+            plan.slices[req_id] = count
+            state.layers_planned += count
+            budget -= count
 
     def _plan_online(self, output, plan: StepPlan, request, state: RequestCompaction) -> None:
         """Capture this request's queries (a bounded ring) and, at its ceiling, plan a re-compaction."""

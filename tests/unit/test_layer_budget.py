@@ -1,0 +1,127 @@
+"""One compaction budget per engine step (issue 21 §4), on vLLM's real scheduler, KV-cache manager and
+block pool: all jobs in flight share ``compaction_layers_per_step`` layers per step (oldest first, none
+starves), and an idle batch runs bounded chunks of ``idle_layers_per_step`` so that a request arriving
+meanwhile is scheduled at the next step rather than after the whole job. Only the worker is stood in
+for: it counts each job's layers the way ``JobRun.run_layers`` does and reports the job on the step its
+last layer runs."""
+
+from __future__ import annotations
+
+import pytest
+from vllm.v1.outputs import ModelRunnerOutput
+
+from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
+from vllm_attnmatch.engine.request_state import CompactionPhase
+
+QUESTION = [7] * 8
+
+
+def _document(i: int) -> list[int]:
+    return list(range(1000 + 200 * i, 1128 + 200 * i))  # 128 tokens: an 8-block span, its job ships at once
+
+
+class StandInWorker:
+    """Runs the step plans' layer slices like the runner: a job shipped in a step runs no layer in it,
+    ``slices[r]`` layers (fewer at the end) afterwards, and its result comes back with its last layer."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.left: dict[str, list] = {}  # req_id -> [job, layers left]
+        self.layers_run: dict[str, int] = {}
+
+    def step(self, scheduler):
+        output = scheduler.schedule()
+        plan = getattr(output, SCHEDULER_OUTPUT_ATTR, None) or StepPlan()
+        for req_id in plan.cancel:
+            self.left.pop(req_id, None)
+        for job in plan.jobs:
+            self.left[job.req_id] = [job, self.num_layers]
+        results = []
+        for req_id, count in plan.slices.items():
+            job, left = self.left[req_id]
+            ran = min(count, left)
+            self.layers_run[req_id] = self.layers_run.get(req_id, 0) + ran
+            self.left[req_id][1] = left - ran
+            if left - ran == 0:
+                del self.left[req_id]
+                results.append(CompactionResult(req_id, True, 0.0, job.layout.num_tokens, job.layout.physical_len,
+                                                job_id=job.job_id))
+        ids = list(output.num_scheduled_tokens)
+        tokens = [[5] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens else []
+                  for r in ids]
+        runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                   sampled_token_ids=tokens)
+        setattr(runner, RUNNER_OUTPUT_ATTR, results)
+        scheduler.update_from_output(output, runner)
+        return output, plan
+
+
+@pytest.fixture
+def layered_scheduler(engine_config, make_scheduler, monkeypatch):
+    """``layered_scheduler(num_layers, **settings)``: the plugin's scheduler for a KV cache of
+    ``num_layers`` layers with the given server settings."""
+
+    def make(num_layers: int, **settings):
+        monkeypatch.setitem(engine_config.additional_config, "attnmatch", dict(settings))
+        return make_scheduler(400, num_layers=num_layers)
+
+    return make
+
+
+def test_concurrent_compactions_share_one_layer_budget_per_step(layered_scheduler, make_request):
+    """k jobs in flight must not cost k slices per step: the step's budget is shared, and every job
+    still gets all its layers (oldest first, so none starves)."""
+    layers, budget = 4, 2
+    scheduler = layered_scheduler(layers, compaction_layers_per_step=budget)
+    worker = StandInWorker(layers)
+    scheduler.add_request(make_request("neighbour", [3] * 20, max_tokens=200))  # keeps the batch busy
+    compacting = [f"c{i}" for i in range(3)]
+    for i, req_id in enumerate(compacting):
+        scheduler.add_request(make_request(req_id, _document(i) + QUESTION, am_ratio=0.25))
+    _, first = worker.step(scheduler)
+    assert sorted(job.req_id for job in first.jobs) == compacting  # three jobs in flight at once
+
+    finished_at = {}
+    for step in range(1, 20):
+        output, plan = worker.step(scheduler)
+        assert "neighbour" in output.num_scheduled_tokens  # busy: the per-step budget applies
+        assert sum(plan.slices.values()) <= budget, f"step {step} ran {plan.slices}"
+        for req_id in compacting:
+            if req_id not in finished_at and scheduler._am_requests[req_id].phase is CompactionPhase.APPLIED:
+                finished_at[req_id] = step
+        if len(finished_at) == len(compacting):
+            break
+    assert worker.layers_run == {r: layers for r in compacting}  # every job ran all of its layers
+    assert sorted(finished_at.values()) == [2, 4, 6]  # 12 layers at 2 a step, the oldest job first
+
+
+def test_an_idle_batch_compacts_in_bounded_chunks_and_a_new_request_is_scheduled_at_the_next_step(
+    layered_scheduler, make_request
+):
+    """Alone, a job may take more than the busy slice per step, but never the whole job in one step:
+    a request arriving during that step waits for one chunk, not for every layer."""
+    layers, idle = 20, 8
+    scheduler = layered_scheduler(layers, idle_layers_per_step=idle)
+    worker = StandInWorker(layers)
+    scheduler.add_request(make_request("doc", _document(0) + QUESTION, am_ratio=0.25))
+    _, first = worker.step(scheduler)
+    (job,) = first.jobs
+
+    output, plan = worker.step(scheduler)  # nothing else to run: an idle batch
+    assert output.total_num_scheduled_tokens == 0
+    assert plan.slices == {"doc": idle}  # more than one layer, but a bounded chunk of the job
+    assert scheduler._am_requests["doc"].job is job  # still in flight
+
+    scheduler.add_request(make_request("newcomer", [9] * 24))  # arrives during that step
+    output, plan = worker.step(scheduler)
+    assert "newcomer" in output.num_scheduled_tokens  # scheduled at the very next step
+    assert sum(plan.slices.values()) == 1  # busy again: back to compaction_layers_per_step
+    assert scheduler._am_requests["doc"].job is job
+
+    for _ in range(40):
+        if scheduler._am_requests["doc"].phase is CompactionPhase.APPLIED:
+            break
+        output, plan = worker.step(scheduler)
+        assert sum(plan.slices.values()) <= idle
+    assert scheduler._am_requests["doc"].phase is CompactionPhase.APPLIED
+    assert worker.layers_run == {"doc": layers}
