@@ -299,7 +299,9 @@ def main(argv=None) -> None:
                     choices=list(CELLS))
     ap.add_argument("--variants", nargs="*", help='JSON {"name": {"method", "source", "options", "scores"}}')
     ap.add_argument("--model", default=None, help="HF folder of a Llama-style model (default: the bundled one)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 by default (as the offline study): two spinning threads per job ran "
+                         "~5x slower on a shared 2-core machine")
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
     if args.threads:
