@@ -9,7 +9,9 @@ therefore wraps ``EngineArgs.add_cli_args`` to add the flag (in its own help gro
 form keeps working, and is the only one for ``LLM(...)``). Giving both is an error.
 
 The value is checked while the command line is parsed (settings, presets, files, and a dry run of the
-``algorithm`` options), so a bad value stops the command with one argparse message naming the key.
+``algorithm`` options), so a bad value stops the command with one argparse message naming the key, and
+resolved there by content (the preset's keys merged in, a ``head_budgets`` file replaced by its share
+table): EngineCore and the workers never read a file or depend on the working directory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from vllm_attnmatch.config import CONFIG_KEY, PRESETS, ConfigError, parse_server_config
+from vllm_attnmatch.config import CONFIG_KEY, PRESETS, ConfigError, parse_server_config, resolve_section
 
 FLAG = "--attnmatch"
 DEST = "attnmatch"
@@ -59,34 +61,51 @@ def section_from_flag(value: str) -> dict[str, Any]:
             raise ConfigError(CONFIG_KEY, f"invalid JSON {value!r}: {exc}", ALLOWED) from None
     elif text in PRESETS:
         return {"preset": text}
-    elif Path(text).expanduser().is_file():
+    elif _is_file(text):
         path = Path(text).expanduser()
         try:
             section = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(CONFIG_KEY, f"{str(path)!r} is not valid YAML/JSON: {exc}", ALLOWED) from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(CONFIG_KEY, f"{str(path)!r} is not readable YAML/JSON: {exc}", ALLOWED) from None
     else:
-        raise ConfigError(CONFIG_KEY, f"no preset or file named {value!r}", ALLOWED)
+        raise ConfigError(CONFIG_KEY, f"no preset or file named {_short(value)!r}", ALLOWED)
     if not isinstance(section, dict):
         raise ConfigError(CONFIG_KEY, f"{value!r} must hold a mapping of settings, got {type(section).__name__}", ALLOWED)
     return section
 
 
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte, ...
+        return False
+
+
+def _short(value: str, limit: int = 200) -> str:
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
 def validated_section(value: str) -> dict[str, Any]:
-    """``section_from_flag`` plus every start-up check; raises ConfigError naming the key."""
+    """The flag's section resolved by content (``config.resolve_section``: preset and share files read
+    here, in the process that parses the command line) after every start-up check that needs no model;
+    raises ConfigError naming the key."""
     from vllm_attnmatch.option_check import check_algorithm_options
 
-    section = section_from_flag(value)
+    section = resolve_section(section_from_flag(value))
     check_algorithm_options(parse_server_config(section))
     return section
 
 
 def _flag_type(value: str) -> dict[str, Any]:
-    """argparse ``type=``: argparse prints an ArgumentTypeError's text as the command's one error line."""
+    """argparse ``type=``: argparse prints an ArgumentTypeError's text as the command's one error line.
+    Every error becomes that line naming a key: a ConfigError names its own, anything else (a bug or an
+    unforeseen failure of the checks) names the flag's section."""
     try:
         return validated_section(value)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+        raise argparse.ArgumentTypeError(str(ConfigError(CONFIG_KEY, f"{type(exc).__name__}: {exc}"))) from None
 
 
 def add_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -9,8 +9,10 @@ workers, the front end and the tests all parse the same models.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
@@ -41,7 +43,7 @@ class ConfigError(ValueError):
         text = f"{key}: {message}"
         if allowed:
             text += f" (allowed: {allowed})"
-        super().__init__(text)
+        super().__init__(" ".join(text.split()))  # one line, whatever the message quotes (YAML errors...)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,8 +176,12 @@ class ServerConfig(BaseModel):
     query_mix: dict[QuerySource, Annotated[int, Field(ge=0, le=MAX_TOKENS_BOUND)]] = Field(
         default_factory=dict, description="a mapping context | repeat | self_study -> query rows (>= 0)"
     )
-    # Non-uniform per-head budgets (see engine/head_budgets.py): a bundled share file name or a path.
-    head_budgets: str | None = Field(default=None, description="a name in configs/head_budgets/ or a JSON path")
+    # Non-uniform per-head budgets (see engine/head_budgets.py): a bundled share file name or a path, read
+    # once in the front end (resolve_section) and passed to the engine as the share table itself,
+    # {"L<layer>H<head>": share}, so no engine process reads a file or depends on its working directory.
+    head_budgets: str | dict[str, float] | None = Field(
+        default=None, description='a name in configs/head_budgets/, a JSON path, or {"L<layer>H<head>": share}'
+    )
     head_budget_max_factor: float = Field(default=2.0, ge=1.0, le=64.0)
     # Bounds of the synthetic sources (see worker/query_sources.py).
     repeat_max_tokens: int = Field(default=2048, ge=1, le=MAX_TOKENS_BOUND)
@@ -216,12 +222,17 @@ class ServerConfig(BaseModel):
     )
     log_compactions: bool = True
 
-    @field_validator("head_budgets")
+    @field_validator("head_budgets", mode="before")
     @classmethod
-    def _head_budgets_exist(cls, value: str | None) -> str | None:
-        if value is not None:
+    def _head_budgets_exist(cls, value: Any) -> Any:
+        if isinstance(value, str):
             head_budget_path(value)  # refuse a missing share file at start-up, not in the engine
-        return value
+            return value
+        if isinstance(value, Mapping):
+            return head_shares_table(value)
+        if value is None:
+            return None
+        raise ValueError(f"must be a name, a path or a share table, got {type(value).__name__}")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "ServerConfig":
@@ -237,7 +248,11 @@ class ServerConfig(BaseModel):
 
     def summary(self) -> str:
         """One line with the effective settings, for the per-process start-up log line."""
-        return json.dumps(self.model_dump(exclude={"preset"}), sort_keys=True, separators=(",", ":"))
+        settings = self.model_dump(exclude={"preset"})
+        if isinstance(self.head_budgets, dict):  # the table's digest: a log line, and different shares differ
+            table = json.dumps(self.head_budgets, sort_keys=True).encode()
+            settings["head_budgets"] = f"{len(self.head_budgets)} shares sha256:{hashlib.sha256(table).hexdigest()[:16]}"
+        return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
 
 def _allowed(field) -> str:
@@ -268,6 +283,33 @@ def head_budget_path(name_or_path: str) -> Path:
     return path
 
 
+_HEAD_KEY = re.compile(r"L(\d+)H(\d+)")
+
+
+def head_shares_table(data: Any) -> dict[str, float]:
+    """A share table in the authors' schema, checked: ``{"L<layer>H<head>": share >= 0}``, not empty."""
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError('a share table must be a non-empty mapping {"L<layer>H<head>": share}')
+    table = {}
+    for key, share in data.items():
+        if not isinstance(key, str) or not _HEAD_KEY.fullmatch(key):
+            raise ValueError(f"bad head-budget key {key!r}; expected 'L<layer>H<head>'")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share) or share < 0:
+            raise ValueError(f"share of {key} must be a finite number >= 0, got {share!r}")
+        table[key] = float(share)
+    return table
+
+
+def read_head_budgets(name_or_path: str) -> dict[str, float]:
+    """The share table of a bundled name or a file, read now (in the front end); errors name the key."""
+    key = f"{CONFIG_KEY}.head_budgets"
+    try:
+        path = head_budget_path(name_or_path)
+        return head_shares_table(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(key, f"{name_or_path!r}: {exc}", SERVER_KEYS_ALLOWED["head_budgets"]) from None
+
+
 def preset_path(name_or_path: str) -> Path:
     """Resolve a preset: a bundled name (default, fast, quality, online) or a path to a YAML file."""
     if name_or_path in PRESETS:
@@ -281,7 +323,11 @@ def preset_path(name_or_path: str) -> Path:
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
-    data = yaml.safe_load(preset_path(name_or_path).read_text()) or {}
+    path = preset_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{CONFIG_KEY}.preset", f"{name_or_path!r} cannot be read as YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{CONFIG_KEY}.preset", f"{name_or_path!r} is not a YAML mapping")
     if "preset" in data:
@@ -289,12 +335,15 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def parse_server_config(section: Any) -> ServerConfig:
-    """Validate the ``attnmatch`` section (a dict, a JSON string, or a preset name); preset first,
-    inline keys override it."""
+def _merged_section(section: Any) -> dict[str, Any]:
+    """The section as a dict (a JSON string or a preset name accepted), its preset's keys first, inline
+    keys over them."""
     if isinstance(section, str):
         stripped = section.strip()
-        section = json.loads(stripped) if stripped.startswith("{") else {"preset": stripped}
+        try:
+            section = json.loads(stripped) if stripped.startswith("{") else {"preset": stripped}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(CONFIG_KEY, f"invalid JSON: {exc}") from None
     if section is None:
         section = {}
     if not isinstance(section, Mapping):
@@ -303,6 +352,10 @@ def parse_server_config(section: Any) -> ServerConfig:
     if section.get("preset"):
         merged.update(load_preset(str(section["preset"])))
     merged.update(section)
+    return merged
+
+
+def _validated(merged: Mapping[str, Any]) -> ServerConfig:
     try:
         config = ServerConfig.model_validate(merged)
     except ValidationError as exc:
@@ -310,6 +363,28 @@ def parse_server_config(section: Any) -> ServerConfig:
         raise ConfigError(f"{CONFIG_KEY}.{err.key}", str(err).split(": ", 1)[1]) from None
     _check_algorithm_layout(config.algorithm)
     return config
+
+
+def parse_server_config(section: Any) -> ServerConfig:
+    """Validate the ``attnmatch`` section (a dict, a JSON string, or a preset name); preset first,
+    inline keys override it. A resolved section (:func:`resolve_section`) reads no file."""
+    return _validated(_merged_section(section))
+
+
+def resolve_section(section: Any) -> dict[str, Any]:
+    """The ``attnmatch`` section by content, resolved once in the front end: the preset's keys merged in
+    (inline keys over them, no ``preset`` left) and a ``head_budgets`` name or path replaced by its share
+    table. The result is validated and plain JSON, and parses to the same settings in any process and
+    any working directory without reading a file (EngineCore and the workers get it inside the
+    ``VllmConfig``). Resolving a resolved section changes nothing. Errors name the key."""
+    merged = _merged_section(section)
+    config = _validated(merged)
+    resolved = {key: value for key, value in merged.items() if key != "preset"}
+    if isinstance(config.head_budgets, str):
+        resolved["head_budgets"] = read_head_budgets(config.head_budgets)
+    elif config.head_budgets is not None:
+        resolved["head_budgets"] = config.head_budgets
+    return resolved
 
 
 def _check_algorithm_layout(algorithm: Mapping[str, Any]) -> None:

@@ -5,8 +5,10 @@ worker), before any config exists in that process. So the entry point only insta
 flag (:mod:`.cli_flag`, which files its value under ``additional_config["attnmatch"]``) and one small hook
 on ``EngineArgs.create_engine_config``; when (and only when) the user's ``additional_config`` carries an
 ``attnmatch`` section, that hook validates it and points vLLM at the plugin's scheduler, worker and
-request validator, and turns off what the plugin does not support. The resulting ``VllmConfig`` is
-shipped to EngineCore and the workers, whose plugin classes log their own start-up line.
+request validator, and turns off what the plugin does not support. The section is resolved there, once
+(preset and share files read, ``config.resolve_section``), so the resulting ``VllmConfig``, shipped to
+EngineCore and the workers, carries the settings by content; their plugin classes log their own
+start-up line.
 
 Without the ``attnmatch`` section nothing is changed: the server is stock vLLM.
 """
@@ -19,10 +21,17 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_attnmatch import __version__
-from vllm_attnmatch.config import CONFIG_KEY, ConfigError, ServerConfig, request_keys, server_config_from
+from vllm_attnmatch.config import (
+    CONFIG_KEY,
+    ConfigError,
+    ServerConfig,
+    request_keys,
+    resolve_section,
+    server_config_from,
+)
 from vllm_attnmatch.cli_flag import install_cli_flag
 from vllm_attnmatch.metrics import install_collector
-from vllm_attnmatch.option_check import check_algorithm_options
+from vllm_attnmatch.option_check import CheckShape, check_algorithm_options
 from vllm_attnmatch.report_endpoint import install as install_report_endpoint
 from vllm_attnmatch.support import check_engine_args, check_vllm_config
 
@@ -71,9 +80,11 @@ def register() -> None:
         if isinstance(self.additional_config, dict) and CONFIG_KEY in self.additional_config:
             if not supported:
                 raise RuntimeError(version_error(version))
-            configure_engine_args(self)
+            server = configure_engine_args(self)
             config = original(self, *args, **kwargs)
             check_vllm_config(config)  # model facts of the support matrix, known only once the config is built
+            # The dry run of the algorithm options at the served model's shapes (one rank's heads).
+            _one_line(lambda: check_algorithm_options(server, model_check_shape(config)), f"{CONFIG_KEY}.algorithm")
             return config
         return original(self, *args, **kwargs)
 
@@ -111,11 +122,38 @@ def _refuse(setting: str, value: Any, why: str) -> None:
     raise ConfigError(setting, f"{value!r} cannot be used with {CONFIG_KEY}: {why}")
 
 
+def model_check_shape(config: Any) -> CheckShape:
+    """The option check's shapes for the served model: one worker's KV and query heads, its head size."""
+    model, parallel = config.model_config, config.parallel_config
+    return CheckShape.of_model(
+        kv_heads=model.get_num_kv_heads(parallel),
+        query_heads=model.get_num_attention_heads(parallel),
+        head_dim=model.get_head_size(),
+        max_model_len=model.max_model_len,
+    )
+
+
+def _one_line(step, key: str):
+    """Run a start-up step; any error that is not already a :class:`ConfigError` becomes one naming
+    ``key`` (one line), so every start-up refusal names what to change."""
+    try:
+        return step()
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported as a configuration error naming the key
+        raise ConfigError(key, f"{type(exc).__name__}: {exc}") from None
+
+
 def configure_engine_args(args: Any) -> ServerConfig:
-    """Validate the ``attnmatch`` section and wire the plugin into ``args`` (an ``EngineArgs``)."""
+    """Validate the ``attnmatch`` section and wire the plugin into ``args`` (an ``EngineArgs``).
+
+    The section is resolved here, once, in the front end (``config.resolve_section``): presets and the
+    head-budget share file are read from this process's working directory and the settings travel by
+    content inside the ``VllmConfig``, so EngineCore and the workers never read a relative path."""
+    resolved = _one_line(lambda: resolve_section(args.additional_config[CONFIG_KEY]), CONFIG_KEY)
+    args.additional_config = {**args.additional_config, CONFIG_KEY: resolved}  # a new dict: the caller's stays
     server = server_config_from(args.additional_config)
     assert server is not None
-    check_algorithm_options(server)  # a dry run of every method a request may pick (option_check.py)
     check_engine_args(args)  # the support matrix (vllm_attnmatch/support.py)
 
     args.scheduler_cls = SCHEDULER_CLS

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vllm_attnmatch.cli_flag import section_from_flag
-from vllm_attnmatch.config import ConfigError
+from vllm_attnmatch.config import ConfigError, resolve_section
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "vllm-attnmatch"
 
@@ -40,14 +40,17 @@ def _additional_config(parser, *argv: str):
     ],
 )
 def test_the_flag_is_the_additional_config_section(serve_parser, argv, section):
+    """The flag's value arrives resolved by content; ``--additional-config`` is resolved by the engine-config
+    hook in the same front end: both give the same settings."""
     via_flag = _additional_config(serve_parser, *argv)
     via_additional_config = _additional_config(serve_parser, "--additional-config", json.dumps({"attnmatch": section}))
-    assert via_flag == via_additional_config == {"attnmatch": section}
+    assert via_additional_config == {"attnmatch": section}
+    assert via_flag == {"attnmatch": resolve_section(section)}
 
 
 def test_other_additional_config_keys_are_kept_beside_the_flag(serve_parser):
     config = _additional_config(serve_parser, "--attnmatch", "default", "--additional-config", '{"other": 1}')
-    assert config == {"other": 1, "attnmatch": {"preset": "default"}}
+    assert config == {"other": 1, "attnmatch": resolve_section({"preset": "default"})}
 
 
 def test_flag_and_additional_config_section_together_are_refused_naming_both(serve_parser):
@@ -76,6 +79,34 @@ def test_a_bad_value_stops_the_command_with_one_message_naming_the_key(serve_par
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("vllm serve: error: argument --attnmatch: " + key + ":"), error
+
+
+@pytest.mark.parametrize(
+    "files, value, key",
+    [
+        # a preset whose YAML is broken: a yaml.YAMLError traceback before
+        ({"bad.yaml": "ratio: [0.2\n  keep_last: 8\n"}, '{"preset": "bad.yaml"}', "attnmatch.preset"),
+        # a share file that exists but is not JSON: accepted before, then EngineCore died reading it
+        ({"shares.json": '{"L0H0": 1.0,'}, '{"head_budgets": "shares.json"}', "attnmatch.head_budgets"),
+        # a flag file that is not text: argparse's "invalid _flag_type value", naming no key
+        ({"binary.yaml": b"\xff\xfe\x00ratio"}, "binary.yaml", "attnmatch"),
+        # a value too long for a file name: an OSError traceback
+        ({}, "x" * 5000, "attnmatch"),
+    ],
+)
+def test_any_start_up_error_of_the_flag_is_one_line_naming_the_key(
+    serve_parser, capsys, tmp_path, monkeypatch, files, value, key
+):
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        serve_parser.parse_args(["--model", "m", "--attnmatch", value])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("vllm serve: error: argument --attnmatch: " + key + ":"), error[-3:]
+    assert not any("Traceback" in line for line in error)
 
 
 def test_value_forms(tmp_path):

@@ -1,5 +1,7 @@
-"""Server settings and per-request keys: parsing, presets, errors that name the key."""
+"""Server settings and per-request keys: parsing, presets, errors that name the key; the section resolved
+once in the front end and shipped by content."""
 
+import json
 import math
 
 import pytest
@@ -12,6 +14,7 @@ from vllm_attnmatch.config import (
     effective_params,
     parse_request_params,
     parse_server_config,
+    resolve_section,
     server_config_from,
 )
 from vllm_attnmatch.option_check import check_algorithm_options
@@ -144,3 +147,107 @@ def test_request_keys_override_server_defaults_and_a_request_budget_replaces_bot
     merged = effective_params(server, RequestParams(am_target_tokens=50, am_keep_first=0))
     assert (merged.ratio, merged.target_tokens, merged.method, merged.keep_first) == (None, 50, "omp", 0)
     assert effective_params(parse_server_config({}), RequestParams()).compacts_prefill is False
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration resolved once, in the front end (issue 21 §5)
+# ------------------------------------------------------------------------------------------------
+
+SHARES = {"L0H0": 1.0, "L0H1": 3.0, "L0H2": 2.0, "L1H0": 0.5}
+
+
+def _engine_config(additional_config: dict, max_model_len: int = 2048):
+    """vLLM's ``VllmConfig`` built through the plugin's engine-config hook, as the front end builds it."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_attnmatch.model import ensure_model
+
+    return EngineArgs(
+        model=str(ensure_model()), dtype="float32", max_model_len=max_model_len, block_size=16,
+        additional_config=additional_config,
+    ).create_engine_config()
+
+
+def test_a_relative_preset_and_share_file_reach_the_engine_by_content(tmp_path, monkeypatch):
+    """EngineCore and the workers parse the section from the ``VllmConfig`` in their own working
+    directory: a preset or share file named relative to the front end's must already be read."""
+    import pickle
+
+    from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
+
+    front, engine = tmp_path / "front", tmp_path / "engine"
+    front.mkdir(), engine.mkdir()
+    (front / "mine.yaml").write_text("ratio: 0.2\nhead_budgets: shares.json\n")
+    (front / "shares.json").write_text(json.dumps(SHARES))
+    monkeypatch.chdir(front)
+    users = {"attnmatch": {"preset": "mine.yaml", "keep_last": 8}}
+    vllm_config = _engine_config(users)
+    assert users == {"attnmatch": {"preset": "mine.yaml", "keep_last": 8}}  # the caller's dict is not changed
+
+    shipped = pickle.loads(pickle.dumps(vllm_config.additional_config))  # what EngineCore receives
+    monkeypatch.chdir(engine)
+    for name in ("mine.yaml", "shares.json"):
+        (front / name).unlink()
+    config = server_config_from(shipped)  # in another directory, the files gone
+    assert config.ratio == 0.2 and config.keep_last == 8
+    assert config.head_budgets == SHARES
+    plan = HeadBudgetPlan(config.head_budgets, num_layers=2, num_kv_heads=3, max_factor=2.0)
+    assert plan.shares[(0, 1)] == 3.0
+    assert resolve_section(shipped["attnmatch"]) == shipped["attnmatch"]  # resolving twice changes nothing
+
+
+def test_different_share_tables_give_different_settings_lines():
+    """The settings line is the compacted-prefix store's salt: inlined shares must still tell apart."""
+    one = parse_server_config({"head_budgets": SHARES}).summary()
+    other = parse_server_config({"head_budgets": {**SHARES, "L1H0": 0.25}}).summary()
+    assert one != other and "L0H1" not in one  # a digest, not the whole table on every log line
+
+
+@pytest.mark.parametrize(
+    "files, section, key",
+    [
+        ({"bad.yaml": "ratio: [0.2\n  keep_last: 8\n"}, {"preset": "bad.yaml"}, "attnmatch.preset"),
+        ({"bad.json": '{"L0H0": 1.0,'}, {"head_budgets": "bad.json"}, "attnmatch.head_budgets"),
+        ({"bad.json": '{"layer0": 1.0}'}, {"head_budgets": "bad.json"}, "attnmatch.head_budgets"),
+        ({}, {"head_budgets": {"L0H0": -1}}, "attnmatch.head_budgets"),
+    ],
+)
+def test_unreadable_preset_or_share_file_stops_the_front_end_in_one_line_naming_the_key(
+    tmp_path, monkeypatch, files, section, key
+):
+    """A broken file used to pass start-up (it exists) and fail in EngineCore, or stop it with a YAML
+    traceback: it must be one ConfigError line naming the key, before the engine starts."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        _engine_config({"attnmatch": section})
+    assert err.value.key == key
+    assert len(str(err.value).splitlines()) == 1 and str(err.value).startswith(key + ": ")
+
+
+def test_the_option_check_runs_at_the_served_models_shapes():
+    """SmolLM2-135M: 3 KV heads, 9 query heads of 64 per layer; a few hundred tokens, not the old tiny
+    2 x 4 x 16 x 160."""
+    from vllm_attnmatch.option_check import CheckShape
+    from vllm_attnmatch.plugin import model_check_shape
+
+    shape = model_check_shape(_engine_config({"attnmatch": {}}))
+    assert shape == CheckShape(kv_heads=3, query_heads=9, head_dim=64, tokens=384)
+    assert shape.span_end - shape.keep_first > 300 and shape.target > 64
+
+
+def test_the_option_check_leaves_the_torch_thread_count_alone():
+    """It runs single-threaded in a thread of its own: neither the caller's count nor the default that
+    threads started later begin with may change (an in-process engine would compute on one thread)."""
+    import threading
+
+    import torch
+
+    threads = torch.get_num_threads()
+    check_algorithm_options(parse_server_config({"algorithm": {"omp": {"max_queries": 64}}, "method": "omp"}))
+    assert torch.get_num_threads() == threads
+    later = {}
+    thread = threading.Thread(target=lambda: later.update(threads=torch.get_num_threads()))
+    thread.start(), thread.join()
+    assert later["threads"] == threads

@@ -14,24 +14,24 @@ indices); under tensor parallelism each worker takes its own heads' rows with :f
 from __future__ import annotations
 
 from vllm_attnmatch.algorithms.budgets import head_budgets, load_head_shares
-from vllm_attnmatch.config import CONFIG_KEY, ConfigError, head_budget_path
+from vllm_attnmatch.config import CONFIG_KEY, ConfigError, read_head_budgets
 
 
 class HeadBudgetPlan:
     """Per-(layer, KV head) targets of a span, and the physical length they need."""
 
-    def __init__(self, name_or_path: str, num_layers: int, num_kv_heads: int, max_factor: float) -> None:
-        """``num_kv_heads``: the model's total KV heads (not one tensor-parallel rank's)."""
-        try:
-            path = head_budget_path(name_or_path)
-        except ValueError as exc:
-            raise ConfigError(f"{CONFIG_KEY}.head_budgets", str(exc)) from None
-        self.shares = load_head_shares(path)
+    def __init__(self, shares: str | dict[str, float], num_layers: int, num_kv_heads: int, max_factor: float) -> None:
+        """``shares``: the share table (what the engine gets: the front end resolved the setting, see
+        ``config.resolve_section``), or a bundled name / path read here (tools and tests).
+        ``num_kv_heads``: the model's total KV heads (not one tensor-parallel rank's)."""
+        table = read_head_budgets(shares) if isinstance(shares, str) else shares
+        self.shares = load_head_shares(dict(table))
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.max_factor = max_factor
         if not any(layer < num_layers and head < num_kv_heads for layer, head in self.shares):
-            raise ConfigError(f"{CONFIG_KEY}.head_budgets", f"{name_or_path!r} has no share for this model's heads")
+            source = repr(shares) if isinstance(shares, str) else "the share table"
+            raise ConfigError(f"{CONFIG_KEY}.head_budgets", f"{source} has no share for this model's heads")
 
     def targets(self, span_tokens: int, uniform_target: int) -> tuple[tuple[int, ...], ...]:
         """``(L, H)`` budgets with the same total as ``uniform_target`` per head (up to rounding)."""
