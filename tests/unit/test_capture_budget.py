@@ -7,12 +7,12 @@ its layers run, writing no KV)."""
 from __future__ import annotations
 
 import pytest
-from vllm.v1.outputs import ModelRunnerOutput
+from stand_in_worker import StandInWorker
 from vllm.v1.request import RequestStatus
 
 from vllm_attnmatch.config import ConfigError, parse_server_config
 from vllm_attnmatch.engine.capture_budget import MIB, online_rows, prefill_rows
-from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult
+from vllm_attnmatch.engine.jobs import SCHEDULER_OUTPUT_ATTR
 from vllm_attnmatch.report import COMPACTED, NOT_COMPACTED
 
 BLOCK = 16
@@ -32,34 +32,16 @@ def budget_scheduler(engine_config, make_scheduler, monkeypatch):
     return make
 
 
-def _step(scheduler, shipped: dict) -> None:
-    """One engine step; a stand-in worker reports each job done on the step its layers run."""
-    output = scheduler.schedule()
-    ids = list(output.num_scheduled_tokens)
-    tokens = [[5] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens else [] for r in ids]
-    runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=tokens)
-    plan = getattr(output, SCHEDULER_OUTPUT_ATTR, None)
-    if plan is not None:
-        shipped.update({job.req_id: job for job in plan.jobs})
-        results = [
-            CompactionResult(r, True, 0.0, shipped[r].layout.num_tokens, shipped[r].layout.physical_len,
-                             job_id=shipped.pop(r).job_id)
-            for r in plan.slices
-        ]
-        setattr(runner, RUNNER_OUTPUT_ATTR, results)
-    scheduler.update_from_output(output, runner)
-
-
-def _run(scheduler, requests, steps: int = 200):
+def _run(scheduler, worker, requests, steps: int = 200):
     """Every request arrives at once; the engine steps until all are finished. Returns the most capture
     memory reserved at once."""
     for request in requests:
         scheduler.add_request(request)
-    shipped, peak = {}, 0
+    peak = 0
     for _ in range(steps):
         if all(r.is_finished() for r in requests):
             return peak
-        _step(scheduler, shipped)
+        worker.step(scheduler)
         peak = max(peak, scheduler._am_capture.used)
     raise AssertionError("requests did not finish")
 
@@ -69,12 +51,14 @@ def _reports(scheduler, requests) -> dict[str, object]:
     return {r.request_id: scheduler.am_reports._keys[r.request_id].reports[r.request_id] for r in requests}
 
 
-def test_a_tiny_budget_serves_many_concurrent_compactions_without_a_crash_and_reports_why(budget_scheduler, make_request):
+def test_a_tiny_budget_serves_many_concurrent_compactions_without_a_crash_and_reports_why(
+    budget_scheduler, make_request
+):
     scheduler = budget_scheduler(20)  # two 8.4 MiB prompt captures fit, a third does not
     prompts = [make_request(f"p{i}", list(range(1000 * i, 1000 * i + PROMPT)), am_ratio=0.25) for i in range(12)]
     online = [make_request(f"o{i}", list(range(50000 + 100 * i, 50000 + 100 * i + 40)), am_max_kv_tokens=64)
               for i in range(2)]
-    peak = _run(scheduler, prompts + online)
+    peak = _run(scheduler, StandInWorker(), prompts + online)
     reports = _reports(scheduler, prompts + online)
     compacted = [r for r in reports.values() if r.status == COMPACTED]
     refused = [r for r in reports.values() if r.status == NOT_COMPACTED]
@@ -89,17 +73,19 @@ def test_a_tiny_budget_serves_many_concurrent_compactions_without_a_crash_and_re
     assert scheduler.am_stats.values["capture_reserved_bytes"] == 0
 
 
-def test_the_memory_comes_back_when_a_compaction_ends_not_when_its_request_does(budget_scheduler, make_request):
+def test_the_memory_comes_back_when_a_compaction_ends_not_when_its_request_does(
+    budget_scheduler, make_request
+):
     scheduler = budget_scheduler(10)  # one prompt capture at a time
     first = make_request("first", list(range(1000, 1000 + PROMPT)), am_ratio=0.25)
     scheduler.add_request(first)
-    shipped: dict = {}
+    worker = StandInWorker()
     while not _reports(scheduler, [first])["first"].compacted:
-        _step(scheduler, shipped)
-    _step(scheduler, shipped)
+        worker.step(scheduler)
+    worker.step(scheduler)
     assert not first.is_finished() and scheduler._am_capture.used == 0  # still decoding, capture given back
     second = make_request("second", list(range(3000, 3000 + PROMPT)), am_ratio=0.25)
-    _run(scheduler, [second])
+    _run(scheduler, worker, [second])
     assert [r.status for r in _reports(scheduler, [first, second]).values()] == [COMPACTED, COMPACTED]
 
 

@@ -8,9 +8,8 @@ worker is stood in for (it reports each job done on the step its layers run, wri
 from __future__ import annotations
 
 import pytest
-from vllm.v1.outputs import ModelRunnerOutput
+from stand_in_worker import StandInWorker
 
-from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult
 from vllm_attnmatch.engine.prefix_store import is_compacted
 from vllm_attnmatch.metrics import CompactionStats
 
@@ -23,33 +22,16 @@ def _document(i: int) -> list[int]:
     return list(range(1000 + 1000 * i, 1000 + 1000 * i + DOC_TOKENS))
 
 
-def _worker_results(plan, shipped: dict) -> list[CompactionResult]:
-    """Every job whose layers run this step is done (a stand-in for the workers)."""
-    shipped.update({job.req_id: job for job in plan.jobs})
-    return [
-        CompactionResult(req_id, True, 0.0, job.layout.num_tokens, job.layout.physical_len, job_id=job.job_id)
-        for req_id, job in ((r, shipped.pop(r)) for r in plan.slices)
-    ]
-
-
 def _serve(scheduler, request) -> list:
     """Run one request to its end, one engine step at a time (requests arrive one after the other);
     return the compaction jobs it shipped."""
     scheduler.add_request(request)
-    shipped: dict = {}
+    worker = StandInWorker()
     jobs = []
     for _ in range(100):
         if request.is_finished():
             return jobs
-        output = scheduler.schedule()
-        ids = list(output.num_scheduled_tokens)
-        tokens = [[5] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens else [] for r in ids]
-        runner = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=tokens)
-        plan = getattr(output, SCHEDULER_OUTPUT_ATTR, None)
-        if plan is not None:
-            jobs += plan.jobs
-            setattr(runner, RUNNER_OUTPUT_ATTR, _worker_results(plan, shipped))
-        scheduler.update_from_output(output, runner)
+        jobs += worker.step(scheduler)[1].jobs
     raise AssertionError(f"request {request.request_id} did not finish")
 
 
