@@ -34,7 +34,7 @@ from tqdm import tqdm
 from vllm_attnmatch.algorithms import budget, compact, group_queries
 from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, PrefixBatch, ReferenceLlama
-from vllm_attnmatch.worker.query_sources import Prompt, self_study_batched
+from vllm_attnmatch.worker.query_sources import Prompt, repeat_queries, self_study_batched
 
 from . import output, sets, tasks, texts
 from .offline import REPEAT_PROMPT
@@ -109,15 +109,12 @@ class Document:
         self.kvzip: list[torch.Tensor] | None = None
         self.repeat_s = 0.0
         if need_repeat:
-            mid = tok(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
             t0 = time.perf_counter()
-            full = [kv.clone() for kv in self.cache]  # the repetition runs over the document's own cache
-            _, rq = model.forward(mid + self.ids, full, self.T, return_queries=True)
-            start = self.T + len(mid)
-            pos = torch.arange(start, start + self.T)
-            self.queries["repeat"] = [group_queries(q[len(mid):], H, pos) for q in rq]
-            self.kvzip = [reconstruction_scores(q, kv.keys, p, self.T, model.scale)
-                          for (q, p), kv in zip(self.queries["repeat"], full)]
+            # The served repeat source itself: the repetition over the document's own cache, with KVzip scores.
+            made = repeat_queries(model, self.cache, self.ids, tok(REPEAT_PROMPT, add_special_tokens=False)["input_ids"],
+                                  self.T, key_scores=True)
+            self.queries["repeat"] = [group_queries(q, H, made.positions) for q in made.queries]
+            self.kvzip = made.info["key_scores"]
             self.repeat_s = time.perf_counter() - t0
         self.study: list[torch.Tensor] | None = None
         self.study_s = 0.0
@@ -125,18 +122,19 @@ class Document:
             t0 = time.perf_counter()
             prompts = [Prompt(tuple(tok(p, add_special_tokens=False)["input_ids"]), self.T) for p in STUDY_PROMPTS]
             gen = self_study_batched(model, self.cache, prompts, STUDY_TOKENS, 120.0)
-            per_row = []
-            for ids, _, _ in gen.info["rows"]:
+            scores, queries, positions = [], [], []
+            for ids, _, _ in gen.info["rows"]:  # each row teacher-forced alone: its scores over everything it sees
                 full = [kv.clone() for kv in self.cache]
                 _, sq = model.forward(list(ids), full, self.T, return_queries=True)
                 pos = torch.arange(self.T, self.T + len(ids))
-                per_row.append([reconstruction_scores(group_queries(q, H, pos)[0], kv.keys, pos.repeat(model.num_heads // H),
-                                                      self.T, model.scale) for q, kv in zip(sq, full)])
-                self.queries.setdefault("self_study", []).append((sq, pos))
-            self.study = [torch.stack([r[layer] for r in per_row]).amax(0) for layer in range(model.num_layers)]
-            rows = self.queries.pop("self_study")
-            self.queries["self_study"] = [group_queries(torch.cat([sq[layer] for sq, _ in rows]), H,
-                                                        torch.cat([p for _, p in rows])) for layer in range(model.num_layers)]
+                scores.append([reconstruction_scores(group_queries(q, H, pos)[0], kv.keys, pos.repeat(model.num_heads // H),
+                                                     self.T, model.scale) for q, kv in zip(sq, full)])
+                queries.append(sq)
+                positions.append(pos)
+            layers = range(model.num_layers)
+            self.study = [torch.stack([row[layer] for row in scores]).amax(0) for layer in layers]
+            self.queries["self_study"] = [group_queries(torch.cat([sq[layer] for sq in queries]), H, torch.cat(positions))
+                                          for layer in layers]
             self.study_s = time.perf_counter() - t0
         self.questions = [tok(q.text, add_special_tokens=False)["input_ids"] for q in task.questions]
 
