@@ -107,7 +107,8 @@ def _sync(device) -> None:
 
 
 def measure_length(T: int, args) -> dict:
-    from vllm_attnmatch.engine.jobs import CompactionJob, plan_layout
+    from vllm_attnmatch.contract.jobs import CompactionJob
+    from vllm_attnmatch.engine.layouts import plan_layout
     from vllm_attnmatch.worker.executor import compact_layer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

@@ -114,7 +114,7 @@ def preset_spec(name: str) -> ServerSpec:
 
 def kept_entries(tokens: int, ratio: float | None, keep_first: int, block: int, target: int | None = None) -> int:
     """KV entries a compaction of ``tokens`` leaves (sinks + budget + raw tail after the last block boundary),
-    as the engine plans it (``engine.jobs.plan_layout``), padding excluded."""
+    as the engine plans it (``engine.layouts.plan_layout``), padding excluded."""
     span_end = tokens // block * block
     span = span_end - keep_first
     kept = max(1, min(span, int(ratio * span))) if target is None else max(1, min(span, target))

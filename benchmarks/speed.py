@@ -122,7 +122,7 @@ def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
         compacted = {}
         for m in cfg.methods:
             c = _best(samples[m])
-            span_end = (length - max(cfg.keep_last, 1)) // block * block  # as engine.jobs.plan_layout
+            span_end = (length - max(cfg.keep_last, 1)) // block * block  # as engine.layouts.plan_layout
             c["kv_entries"] = c["tokens_after"] + length - span_end if c["compactions"] else None
             c["compaction_share"] = c["compaction_s"] / stock["prefill_s"] if stock["prefill_s"] else None
             compacted[m] = c

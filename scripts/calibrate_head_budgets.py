@@ -8,7 +8,7 @@ few entries, a head with diffuse attention needs many. (Counting each head's key
 ``ratio·T·L·H`` instead gave budgets to the sharp heads and measured worse than uniform.)
 
     python scripts/calibrate_head_budgets.py                         # bundled model, LGPL-2.1, r = 0.1
-    python scripts/calibrate_head_budgets.py --model DIR --text FILE --out configs/head_budgets/NAME.json
+    python scripts/calibrate_head_budgets.py --model DIR --text FILE --out vllm_attnmatch/configs/head_budgets/NAME.json
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--ratio", type=float, default=0.1, help="only for the printed budgets")
     ap.add_argument("--coverage", type=float, default=0.9)
-    ap.add_argument("--out", default=str(ROOT / "configs" / "head_budgets" / "smollm2-135m.json"))
+    ap.add_argument("--out", default=str(ROOT / "vllm_attnmatch" / "configs" / "head_budgets" / "smollm2-135m.json"))
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 

@@ -33,7 +33,7 @@ PY="${PY:-python3}"
 RESULTS="${GPU_CHECK_RESULTS:-$ROOT/benchmarks/results}"  # override only for dry runs
 LOGS="$RESULTS/gpu_check_logs"
 mkdir -p "$LOGS"
-# The repository as if installed (vllm_attnmatch.kernels -> kernels/), in this process and every subprocess;
+# The repository as if installed (its root on sys.path), in this process and every subprocess;
 # vLLM blocked so nothing in the selection can lean on it even where it happens to be installed.
 export PYTHONPATH="$ROOT/scripts/gpu_check_env${PYTHONPATH:+:$PYTHONPATH}"
 export ATTNMATCH_BLOCK_VLLM=1

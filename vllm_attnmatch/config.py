@@ -215,7 +215,7 @@ class ServerConfig(BaseModel):
     # Options forwarded to algorithms.compact(); names are the algorithm's. A plain key applies to every
     # method (e.g. {"max_queries": 512}); a method's own options go in its section, used only when a
     # request runs that method (e.g. {"highest_attention": {"reduction": "rms"}, "snapkv": {"window": 64}}).
-    # Checked at start-up by a dry run of every method (vllm_attnmatch/option_check.py).
+    # Checked at start-up by a dry run of every method (vllm_attnmatch/frontend/option_check.py).
     algorithm: dict[str, AlgorithmOption | dict[str, AlgorithmOption]] = Field(
         default_factory=dict,
         description="options of every method, and per-method sections <method>: {option: value}",
@@ -389,7 +389,7 @@ def resolve_section(section: Any) -> dict[str, Any]:
 
 def _check_algorithm_layout(algorithm: Mapping[str, Any]) -> None:
     """The shape of ``algorithm``: sections only under method names, no option the engine sets itself.
-    Whether the values work is checked at start-up by a dry run (option_check.check_algorithm_options)."""
+    Whether the values work is checked at start-up by a dry run (frontend.option_check.check_algorithm_options)."""
     for name, value in algorithm.items():
         key = f"{CONFIG_KEY}.algorithm.{name}"
         if isinstance(value, Mapping):

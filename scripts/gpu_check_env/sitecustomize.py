@@ -1,10 +1,9 @@
 """Import the repository as if it were installed, without pip: for ``scripts/gpu_check.sh`` on a bare GPU image.
 
-The package maps ``vllm_attnmatch.kernels`` to the top-level ``kernels/`` folder (setuptools ``package-dir``),
-which a plain ``PYTHONPATH`` cannot express. Python imports ``sitecustomize`` at start-up from ``sys.path``,
-so putting this folder on ``PYTHONPATH`` makes every interpreter of the check (pytest, the subprocesses some
-tests start, the benchmarks) find ``vllm_attnmatch``, ``vllm_attnmatch.kernels`` and ``benchmarks`` in this
-checkout. With ``ATTNMATCH_BLOCK_VLLM=1`` importing vLLM fails, as on a machine without it (how the check's
+Python imports ``sitecustomize`` at start-up from ``sys.path``, so putting this folder on ``PYTHONPATH``
+makes every interpreter of the check (pytest, the subprocesses some tests start, the benchmarks) find
+``vllm_attnmatch`` (kernels and presets included: they are ordinary sub-packages) and ``benchmarks`` in this
+checkout, whatever its working directory. With ``ATTNMATCH_BLOCK_VLLM=1`` importing vLLM fails, as on a machine without it (how the check's
 test selection is proven vLLM-free on a machine that has vLLM). Any other ``sitecustomize`` on the path is
 still run afterwards.
 """
@@ -17,18 +16,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-MAPPING = {"vllm_attnmatch.kernels": ROOT / "kernels", "vllm_attnmatch.configs": ROOT / "configs"}
-
-
-class _RepoFinder(importlib.abc.MetaPathFinder):
-    """Finds the sub-packages that live outside ``vllm_attnmatch/`` in the source tree."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        folder = MAPPING.get(fullname)
-        if folder is None:
-            return None
-        return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
 
 
 class _NoVllm(importlib.abc.MetaPathFinder):
@@ -43,8 +30,6 @@ class _NoVllm(importlib.abc.MetaPathFinder):
 def _install() -> None:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    if not any(isinstance(f, _RepoFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RepoFinder())
     if os.environ.get("ATTNMATCH_BLOCK_VLLM") == "1" and not any(isinstance(f, _NoVllm) for f in sys.meta_path):
         sys.meta_path.insert(0, _NoVllm())
 

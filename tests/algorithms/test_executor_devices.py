@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from vllm_attnmatch.engine.jobs import CompactionJob, plan_layout, plan_online_layout
+from vllm_attnmatch.contract.jobs import CompactionJob
+from vllm_attnmatch.engine.layouts import plan_layout, plan_online_layout
 from vllm_attnmatch.worker.executor import compact_layer, compact_layer_online
 
 H_KV, GROUP, D, BLOCK = 3, 3, 32, 16

@@ -8,7 +8,8 @@ import torch
 
 from vllm_attnmatch.algorithms.on_policy import on_policy_pass
 from vllm_attnmatch.config import ServerConfig
-from vllm_attnmatch.engine.jobs import CompactionJob, layout_for_span
+from vllm_attnmatch.contract.jobs import CompactionJob
+from vllm_attnmatch.engine.layouts import layout_for_span
 from vllm_attnmatch.worker.executor import JobRun, compact_layer
 from vllm_attnmatch.worker.synthetic import SyntheticQueryProducer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_attnmatch.engine.jobs import FAULTS
+from vllm_attnmatch.contract.jobs import FAULTS
 
 pytestmark = pytest.mark.server
 

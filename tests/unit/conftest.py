@@ -36,7 +36,7 @@ def make_scheduler(engine_config):
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
-    from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionSpec
+    from vllm_attnmatch.contract.kv_spec import AttnMatchFullAttentionSpec
     from vllm_attnmatch.engine.scheduler import AttnMatchScheduler
 
     def make(num_blocks: int, num_layers: int = 1):

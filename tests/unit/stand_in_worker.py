@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from vllm.v1.outputs import ModelRunnerOutput
 
-from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
+from vllm_attnmatch.contract.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
 
 
 class StandInWorker:

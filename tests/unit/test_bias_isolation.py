@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from vllm.v1.request import RequestStatus
 
-from vllm_attnmatch.engine.jobs import SCHEDULER_OUTPUT_ATTR, StepPlan
+from vllm_attnmatch.contract.jobs import SCHEDULER_OUTPUT_ATTR, StepPlan
 from vllm_attnmatch.worker.fresh_blocks import bias_blocks_to_zero
 
 BLOCK = 16

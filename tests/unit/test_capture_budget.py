@@ -11,9 +11,9 @@ from stand_in_worker import StandInWorker
 from vllm.v1.request import RequestStatus
 
 from vllm_attnmatch.config import ConfigError, parse_server_config
+from vllm_attnmatch.contract.jobs import SCHEDULER_OUTPUT_ATTR
 from vllm_attnmatch.engine.capture_budget import MIB, online_rows, prefill_rows
-from vllm_attnmatch.engine.jobs import SCHEDULER_OUTPUT_ATTR
-from vllm_attnmatch.report import COMPACTED, NOT_COMPACTED
+from vllm_attnmatch.ipc.report import COMPACTED, NOT_COMPACTED
 
 BLOCK = 16
 ROW_BYTES = 30 * 9 * 64 * 4 + 8  # SmolLM2-135M in float32: layers x query heads x head size x 4 B + position

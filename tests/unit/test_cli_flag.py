@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_attnmatch.cli_flag import section_from_flag
 from vllm_attnmatch.config import ConfigError, resolve_section
+from vllm_attnmatch.frontend.cli_flag import section_from_flag
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "vllm-attnmatch"
 

@@ -11,8 +11,9 @@ import torch
 
 from vllm_attnmatch.attention.step_context import CaptureRows, StepContext
 from vllm_attnmatch.config import ServerConfig, effective_params, parse_request_params
+from vllm_attnmatch.contract.jobs import CompactionJob
 from vllm_attnmatch.engine.chunking import clamp_new_tokens
-from vllm_attnmatch.engine.jobs import CompactionJob, layout_for_span
+from vllm_attnmatch.engine.layouts import layout_for_span
 from vllm_attnmatch.engine.request_state import CompactionPhase, IllegalTransition, RequestCompaction
 from vllm_attnmatch.worker.executor import JobRun, run_job
 

@@ -17,7 +17,7 @@ from vllm_attnmatch.config import (
     resolve_section,
     server_config_from,
 )
-from vllm_attnmatch.option_check import check_algorithm_options
+from vllm_attnmatch.frontend.option_check import check_algorithm_options
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -229,8 +229,8 @@ def test_unreadable_preset_or_share_file_stops_the_front_end_in_one_line_naming_
 def test_the_option_check_runs_at_the_served_models_shapes():
     """SmolLM2-135M: 3 KV heads, 9 query heads of 64 per layer; a few hundred tokens, not the old tiny
     2 x 4 x 16 x 160."""
-    from vllm_attnmatch.option_check import CheckShape
-    from vllm_attnmatch.plugin import model_check_shape
+    from vllm_attnmatch.frontend.option_check import CheckShape
+    from vllm_attnmatch.frontend.plugin import model_check_shape
 
     shape = model_check_shape(_engine_config({"attnmatch": {}}))
     assert shape == CheckShape(kv_heads=3, query_heads=9, head_dim=64, tokens=384)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from vllm_attnmatch.config import ConfigError, parse_server_config
+from vllm_attnmatch.contract.jobs import CompactionJob
 from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
-from vllm_attnmatch.engine.jobs import CompactionJob, plan_layout, widen_layout
+from vllm_attnmatch.engine.layouts import plan_layout, widen_layout
 from vllm_attnmatch.worker.executor import compact_layer
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_attnmatch.engine.jobs import plan_layout, plan_online_layout
+from vllm_attnmatch.engine.layouts import plan_layout, plan_online_layout
 
 
 def test_span_ends_on_a_block_boundary_and_padding_completes_the_last_block():

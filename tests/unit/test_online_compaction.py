@@ -7,7 +7,8 @@ import torch
 
 from vllm_attnmatch.algorithms.targets import compute_targets
 from vllm_attnmatch.attention.step_context import CaptureRows, StepContext
-from vllm_attnmatch.engine.jobs import CompactionJob, plan_online_layout
+from vllm_attnmatch.contract.jobs import CompactionJob
+from vllm_attnmatch.engine.layouts import plan_online_layout
 from vllm_attnmatch.worker.executor import compact_layer_online
 
 

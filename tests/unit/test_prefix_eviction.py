@@ -11,7 +11,7 @@ import pytest
 from stand_in_worker import StandInWorker
 
 from vllm_attnmatch.engine.prefix_store import is_compacted
-from vllm_attnmatch.metrics import CompactionStats
+from vllm_attnmatch.ipc.metrics import CompactionStats
 
 BLOCK = 16
 DOC_TOKENS = 17 * BLOCK  # the issue's ~17 raw blocks per document; 2 blocks once compacted at am_ratio 0.1

@@ -2,7 +2,8 @@
 
 import pytest
 
-from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan, rank_head_targets, rank_kv_heads
+from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
+from vllm_attnmatch.worker.tensor_parallel import rank_head_targets, rank_kv_heads
 
 
 @pytest.mark.parametrize(

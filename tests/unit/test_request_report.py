@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_attnmatch.config import ConfigError, ServerConfig, effective_params, parse_request_params
-from vllm_attnmatch.engine.jobs import CompactionJob, CompactionResult, plan_layout, plan_online_layout
-from vllm_attnmatch.report import (
+from vllm_attnmatch.contract.jobs import CompactionJob, CompactionResult
+from vllm_attnmatch.engine.layouts import plan_layout, plan_online_layout
+from vllm_attnmatch.ipc.report import (
     COMPACTED,
     FAILED,
     NOT_COMPACTED,
@@ -299,7 +300,7 @@ def test_memory_and_files_stay_bounded_and_live_reports_are_kept(tmp_path):
 
 def test_a_full_recorder_rewrites_only_what_changed(tmp_path, monkeypatch):
     """Once at its bound, a step with one changed report writes one file (no rotation of everything)."""
-    import vllm_attnmatch.report as report_module
+    import vllm_attnmatch.ipc.report as report_module
 
     recorder = _recorder(tmp_path, max_reports=8)
     _many(recorder, [f"live{i}-{i:08x}" for i in range(8)])
@@ -323,7 +324,7 @@ def test_reports_of_another_run_in_the_same_directory_are_ignored(tmp_path):
 
 
 def test_the_engines_shutdown_removes_its_report_files(tmp_path, monkeypatch, make_scheduler, make_request):
-    from vllm_attnmatch.metrics import RUN_ID_ENV, STATS_DIR_ENV
+    from vllm_attnmatch.ipc.metrics import RUN_ID_ENV, STATS_DIR_ENV
 
     monkeypatch.setenv(STATS_DIR_ENV, str(tmp_path))
     monkeypatch.setenv(RUN_ID_ENV, "00000000000000aa")
@@ -341,8 +342,8 @@ def test_the_route_serves_reports_and_a_clear_404_through_vllms_endpoint_plugins
 
     import vllm.plugins
     from vllm.plugins.endpoint_plugins.interface import attach_endpoint_plugins
-    from vllm_attnmatch import report_endpoint
-    from vllm_attnmatch.metrics import STATS_DIR_ENV
+    from vllm_attnmatch.frontend import report_endpoint
+    from vllm_attnmatch.ipc.metrics import STATS_DIR_ENV
 
     monkeypatch.setattr(vllm.plugins, "load_endpoint_plugins", vllm.plugins.load_endpoint_plugins)  # restored after
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
@@ -376,7 +377,7 @@ def test_the_route_serves_reports_and_a_clear_404_through_vllms_endpoint_plugins
 
 
 def test_the_report_module_imports_no_vllm():
-    code = "import sys, vllm_attnmatch.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))"
+    code = "import sys, vllm_attnmatch.ipc.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -386,7 +387,7 @@ def test_the_report_module_imports_no_vllm():
 
 def test_the_run_directory_is_private_unique_and_removed_when_the_front_end_exits():
     code = (
-        "import os, stat; from vllm_attnmatch import metrics; d = metrics.install_collector(); "
+        "import os, stat; from vllm_attnmatch.ipc import metrics; d = metrics.install_collector(); "
         "print(d, oct(stat.S_IMODE(os.stat(d).st_mode)), os.environ[metrics.RUN_ID_ENV])"
     )
     env = {k: v for k, v in os.environ.items() if "ATTNMATCH_" not in k}
@@ -398,7 +399,7 @@ def test_the_run_directory_is_private_unique_and_removed_when_the_front_end_exit
 
 
 def test_an_inherited_directory_is_reused_only_when_private_and_of_a_run(tmp_path, monkeypatch):
-    from vllm_attnmatch import metrics
+    from vllm_attnmatch.ipc import metrics
 
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
@@ -415,7 +416,7 @@ def test_an_inherited_directory_is_reused_only_when_private_and_of_a_run(tmp_pat
 
 
 def test_counters_of_another_run_are_not_summed(tmp_path, monkeypatch):
-    from vllm_attnmatch import metrics
+    from vllm_attnmatch.ipc import metrics
 
     (tmp_path / "engine-ffffffffffffffff-0-1.json").write_text(json.dumps({"compactions": 7}))
     monkeypatch.setenv(metrics.RUN_ID_ENV, "0123456789abcdef")
@@ -426,7 +427,7 @@ def test_counters_of_another_run_are_not_summed(tmp_path, monkeypatch):
 
 
 def test_a_counters_write_never_follows_a_planted_temporary_name(tmp_path, monkeypatch):
-    from vllm_attnmatch import metrics
+    from vllm_attnmatch.ipc import metrics
 
     monkeypatch.setenv(metrics.RUN_ID_ENV, "0123456789abcdef")
     victim = tmp_path / "victim"
@@ -442,14 +443,14 @@ def test_a_counters_write_never_follows_a_planted_temporary_name(tmp_path, monke
 def test_another_process_of_the_run_answers_from_the_inherited_directory(tmp_path):
     """--api-server-count > 1: each API-server process inherits the run directory and id through its
     environment (vLLM spawns them after the config hook ran) and reads the engine's files itself."""
-    from vllm_attnmatch import metrics
+    from vllm_attnmatch.ipc import metrics
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
     recorder = ReportRecorder(SERVER, BLOCK, directory=str(run_dir), run="0123456789abcdef")
     _many(recorder, [_vllm_engine_ids("cmpl-other-0")[0]])
     code = (
-        "from vllm_attnmatch import metrics, report; d = metrics._inherited_dir(); "
+        "from vllm_attnmatch.ipc import metrics, report; d = metrics._inherited_dir(); "
         "print(d, [r['status'] for r in report.find_reports('cmpl-other')])"
     )
     env = {k: v for k, v in os.environ.items() if "ATTNMATCH_" not in k}

@@ -9,8 +9,8 @@ import pytest
 from vllm.v1.outputs import ModelRunnerOutput
 
 from vllm_attnmatch.config import ServerConfig, effective_params, parse_request_params
+from vllm_attnmatch.contract.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
 from vllm_attnmatch.engine.chunking import clamp_new_tokens
-from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
 from vllm_attnmatch.engine.request_state import CompactionPhase, RequestCompaction
 from vllm_attnmatch.worker.runner import warm_up_job
 

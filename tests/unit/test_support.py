@@ -15,14 +15,10 @@ import types
 import pytest
 import torch
 
+from vllm_attnmatch.attention.layer_support import check_attention_layers
 from vllm_attnmatch.config import ConfigError
+from vllm_attnmatch.frontend.support import check_engine_args, check_vllm_config, cpu_kv_layout
 from vllm_attnmatch.model import ensure_model
-from vllm_attnmatch.support import (
-    check_attention_layers,
-    check_engine_args,
-    check_vllm_config,
-    cpu_kv_layout,
-)
 
 EngineArgs = pytest.importorskip("vllm.engine.arg_utils").EngineArgs
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_attnmatch.attention.step_context import StepContext
-from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionSpec
+from vllm_attnmatch.contract.kv_spec import AttnMatchFullAttentionSpec
 
 
 class AttnMatchBackendMixin:

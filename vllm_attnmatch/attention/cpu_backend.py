@@ -15,8 +15,6 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from vllm_attnmatch.attention.common import AttnMatchBackendMixin, AttnMatchImplMixin
 from vllm_attnmatch.attention.cpu_paged import KVLayout, paged_attention_with_bias, probe_layout
 
-BACKEND_PATH = "vllm_attnmatch.attention.cpu_backend.AttnMatchCPUAttentionBackend"
-
 
 @functools.lru_cache(maxsize=None)
 def kv_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> KVLayout:

@@ -20,8 +20,6 @@ from vllm_attnmatch.attention.common import AttnMatchBackendMixin, AttnMatchImpl
 from vllm_attnmatch.attention.step_context import StepContext
 from vllm_attnmatch.kernels import paged_attention_with_bias
 
-BACKEND_PATH = "vllm_attnmatch.attention.triton_backend.AttnMatchTritonAttentionBackend"
-
 
 class AttnMatchTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     """The β rows and the query capture run from Python inside the attention op, so attention must

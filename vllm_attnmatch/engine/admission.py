@@ -12,8 +12,9 @@ from __future__ import annotations
 from vllm.logger import init_logger
 
 from vllm_attnmatch.config import ConfigError, EffectiveParams, ServerConfig, effective_params, parse_request_params
+from vllm_attnmatch.contract.jobs import CompactionLayout
 from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
-from vllm_attnmatch.engine.jobs import CompactionLayout, layout_for_span, plan_layout, widen_layout
+from vllm_attnmatch.engine.layouts import layout_for_span, plan_layout, widen_layout
 from vllm_attnmatch.engine.prefix_store import CompactedPrefixStore
 from vllm_attnmatch.engine.request_state import RequestCompaction
 

@@ -12,7 +12,7 @@ the request's blocks (``AttnMatchFullAttentionManager.adopt_blocks``) or go back
 
 from __future__ import annotations
 
-from vllm_attnmatch.engine.jobs import cdiv
+from vllm_attnmatch.contract.jobs import cdiv
 
 HOLDER_PREFIX = "attnmatch-dst:"
 

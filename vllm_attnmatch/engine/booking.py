@@ -13,12 +13,12 @@ from __future__ import annotations
 from vllm.logger import init_logger
 
 from vllm_attnmatch.config import ServerConfig
+from vllm_attnmatch.contract.jobs import CompactionJob, CompactionResult
 from vllm_attnmatch.engine.allocation import DestinationAllocator
-from vllm_attnmatch.engine.jobs import CompactionJob, CompactionResult
 from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionManager
 from vllm_attnmatch.engine.prefix_store import CompactedPrefixStore
 from vllm_attnmatch.engine.request_state import CompactionPhase, RequestCompaction
-from vllm_attnmatch.metrics import CompactionStats
+from vllm_attnmatch.ipc.metrics import CompactionStats
 
 logger = init_logger("vllm.attnmatch.scheduler")
 

@@ -1,14 +1,15 @@
 """Non-uniform per-head budgets in the engine (server setting ``head_budgets``).
 
 Some KV heads need many entries to reproduce their attention, others very few; a per-(layer, head)
-share file (the authors' ``{"L{layer}H{head}": share}`` schema, e.g. ``configs/head_budgets/*.json``)
+share file (the authors' ``{"L{layer}H{head}": share}`` schema, e.g. ``vllm_attnmatch/configs/head_budgets/*.json``)
 spreads a request's total budget accordingly. vLLM's paged layout is uniform, though: every layer and
 head of a request has the same number of slots, so the *physical* compacted span is as long as the largest
 head budget and the shorter heads are padded (β = -inf). ``head_budget_max_factor`` caps any head at that
 multiple of the uniform budget, which bounds the memory cost to the same factor.
 
 Budgets are planned once, in the scheduler, for the model's *global* KV heads (the share file's head
-indices); under tensor parallelism each worker takes its own heads' rows with :func:`rank_head_targets`.
+indices); under tensor parallelism each worker takes its own heads' rows
+(``worker.tensor_parallel.rank_head_targets``).
 """
 
 from __future__ import annotations
@@ -38,26 +39,3 @@ class HeadBudgetPlan:
         cap = min(1.0, self.max_factor * uniform_target / span_tokens)
         table = head_budgets(self.shares, self.num_layers, self.num_kv_heads, span_tokens, uniform_target, cap)
         return tuple(tuple(int(x) for x in row) for row in table.tolist())
-
-
-def rank_kv_heads(total_kv_heads: int, tp_size: int, tp_rank: int) -> range:
-    """Global indices of the KV heads a tensor-parallel rank holds, in its local order (vLLM's
-    ``QKVParallelLinear``: contiguous slices, or one replicated head per rank when ``tp_size`` exceeds
-    the head count)."""
-    if tp_size >= total_kv_heads:
-        replicas = tp_size // total_kv_heads
-        head = tp_rank // replicas
-        return range(head, head + 1)
-    per_rank = total_kv_heads // tp_size
-    return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
-
-
-def rank_head_targets(
-    targets: tuple[tuple[int, ...], ...], total_kv_heads: int, tp_size: int, tp_rank: int
-) -> tuple[tuple[int, ...], ...]:
-    """The rows of a job's global ``(L, H_total)`` budgets that belong to this rank's KV heads."""
-    heads = rank_kv_heads(total_kv_heads, tp_size, tp_rank)
-    for row in targets:
-        if len(row) != total_kv_heads:
-            raise ValueError(f"head budgets cover {len(row)} KV heads, the model has {total_kv_heads}")
-    return tuple(tuple(row[h] for h in heads) for row in targets)

@@ -12,23 +12,13 @@ Selected through vLLM's ``KVCacheSpecRegistry``: the attention backend reports
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from vllm_attnmatch.contract.kv_spec import AttnMatchFullAttentionSpec
 from vllm_attnmatch.engine.free_queue import evict_first
 from vllm_attnmatch.engine.prefix_store import is_compacted
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttnMatchFullAttentionSpec(FullAttentionSpec):
-    """Full attention whose requests may be compacted; same memory layout as FullAttentionSpec."""
-
-    @classmethod
-    def from_spec(cls, spec: FullAttentionSpec) -> "AttnMatchFullAttentionSpec":
-        return cls(**{f.name: getattr(spec, f.name) for f in fields(spec) if f.init})
 
 
 class AttnMatchFullAttentionManager(FullAttentionManager):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 
 from vllm_attnmatch.config import ServerConfig
-from vllm_attnmatch.engine.jobs import CompactionLayout, plan_online_layout
+from vllm_attnmatch.contract.jobs import CompactionLayout
+from vllm_attnmatch.engine.layouts import plan_online_layout
 from vllm_attnmatch.engine.request_state import CompactionPhase, RequestCompaction
 
 logger = logging.getLogger("vllm.attnmatch.scheduler")

@@ -26,8 +26,8 @@ from collections import OrderedDict
 
 from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 
+from vllm_attnmatch.contract.jobs import CompactionLayout
 from vllm_attnmatch.engine import free_queue
-from vllm_attnmatch.engine.jobs import CompactionLayout
 
 KEY_PREFIX = b"attnmatch:"
 

@@ -24,7 +24,7 @@ import enum
 from dataclasses import dataclass
 
 from vllm_attnmatch.config import EffectiveParams
-from vllm_attnmatch.engine.jobs import CompactionJob, CompactionLayout
+from vllm_attnmatch.contract.jobs import CompactionJob, CompactionLayout
 
 
 class CompactionPhase(enum.Enum):

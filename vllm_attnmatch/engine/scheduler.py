@@ -28,6 +28,16 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_attnmatch import __version__
 from vllm_attnmatch.config import ServerConfig, server_config_from
+from vllm_attnmatch.contract.jobs import (
+    ALL_LAYERS,
+    FAULT_INJECTION_ENV,
+    FAULTS,
+    RUNNER_OUTPUT_ATTR,
+    SCHEDULER_OUTPUT_ATTR,
+    CompactionJob,
+    CompactionLayout,
+    StepPlan,
+)
 from vllm_attnmatch.engine.admission import Admission
 from vllm_attnmatch.engine.allocation import DestinationAllocator
 from vllm_attnmatch.engine.booking import Booking
@@ -43,22 +53,12 @@ from vllm_attnmatch.engine.capture_budget import (
 )
 from vllm_attnmatch.engine.chunking import clamp_new_tokens, online_capture_stride, prefill_capture_stride
 from vllm_attnmatch.engine.head_budgets import HeadBudgetPlan
-from vllm_attnmatch.engine.jobs import (
-    ALL_LAYERS,
-    FAULT_INJECTION_ENV,
-    FAULTS,
-    RUNNER_OUTPUT_ATTR,
-    SCHEDULER_OUTPUT_ATTR,
-    CompactionJob,
-    CompactionLayout,
-    StepPlan,
-)
 from vllm_attnmatch.engine.kv_manager import AttnMatchFullAttentionManager, register_kv_cache_spec
 from vllm_attnmatch.engine.online import hit_below_ceiling, online_layout
 from vllm_attnmatch.engine.prefix_store import CompactedPrefixStore
 from vllm_attnmatch.engine.request_state import CompactionPhase, RequestCompaction
-from vllm_attnmatch.metrics import CompactionStats
-from vllm_attnmatch.report import ReportRecorder
+from vllm_attnmatch.ipc.metrics import CompactionStats
+from vllm_attnmatch.ipc.report import ReportRecorder
 
 logger = init_logger("vllm.attnmatch.scheduler")
 

@@ -9,8 +9,9 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_attnmatch.attention import cpu_paged
-from vllm_attnmatch.attention.cpu_backend import BACKEND_PATH, layer_kv_layout
-from vllm_attnmatch.support import check_attention_layers
+from vllm_attnmatch.attention.cpu_backend import layer_kv_layout
+from vllm_attnmatch.attention.layer_support import check_attention_layers
+from vllm_attnmatch.contract.class_paths import CPU_BACKEND_CLS
 from vllm_attnmatch.worker.executor import LayerPagedKV
 from vllm_attnmatch.worker.runner import AttnMatchRunnerMixin, log_worker_start
 from vllm_attnmatch.worker.tensor_parallel import separate_dumps_per_rank
@@ -63,7 +64,7 @@ class AttnMatchCPUWorker(CPUWorker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Before the model is built, so its attention layers pick our backend subclass.
-        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_CLS)
         separate_dumps_per_rank(self.rank)
         log_worker_start(self)
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from vllm_attnmatch.algorithms import compact, compact_chunked, compact_per_head, group_queries
-from vllm_attnmatch.engine.jobs import CompactionJob, CompactionResult
+from vllm_attnmatch.contract.jobs import CompactionJob, CompactionResult
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 

@@ -10,9 +10,9 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from vllm_attnmatch.attention.triton_backend import BACKEND_PATH
+from vllm_attnmatch.attention.layer_support import check_attention_layers
+from vllm_attnmatch.contract.class_paths import TRITON_BACKEND_CLS
 from vllm_attnmatch.kernels import gather_paged_kv, scatter_paged_kv
-from vllm_attnmatch.support import check_attention_layers
 from vllm_attnmatch.worker.executor import LayerPagedKV
 from vllm_attnmatch.worker.runner import AttnMatchRunnerMixin, log_worker_start
 from vllm_attnmatch.worker.tensor_parallel import separate_dumps_per_rank
@@ -53,7 +53,7 @@ class AttnMatchGPUModelRunner(AttnMatchRunnerMixin, GPUModelRunner):
 class AttnMatchGPUWorker(Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+        register_backend(AttentionBackendEnum.CUSTOM, TRITON_BACKEND_CLS)
         separate_dumps_per_rank(self.rank)
         log_worker_start(self)
 

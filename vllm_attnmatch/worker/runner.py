@@ -20,7 +20,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_attnmatch.attention.step_context import CaptureRows, StepContext
-from vllm_attnmatch.engine.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
+from vllm_attnmatch.contract.jobs import RUNNER_OUTPUT_ATTR, SCHEDULER_OUTPUT_ATTR, CompactionResult, StepPlan
 from vllm_attnmatch.worker.executor import JobRun, PagedKV
 from vllm_attnmatch.worker.fresh_blocks import bias_blocks_to_zero
 from vllm_attnmatch.worker.tensor_parallel import agree_on_result, job_for_this_rank
@@ -54,9 +54,13 @@ def _log_side_memory(bias: dict[str, torch.Tensor], kv_caches) -> None:
 def warm_up_job(settings, block_size: int, tokens: int = 256):
     """The start-up compaction: the server's own method with its options, so that the set-up it pays
     is the one real jobs would (another method warms other code paths)."""
-    from vllm_attnmatch.engine.jobs import CompactionJob, layout_for_span
+    from vllm_attnmatch.algorithms.budgets import budget
+    from vllm_attnmatch.contract.jobs import CompactionJob, CompactionLayout, block_padding
 
-    layout = layout_for_span(tokens, 4, 0.1, None, block_size)
+    keep_first = 4
+    target = budget(tokens - keep_first, ratio=0.1)  # what the scheduler plans for a span just prefilled
+    pad = block_padding(keep_first + target, block_size)
+    layout = CompactionLayout(num_tokens=tokens, keep_first=keep_first, span_end=tokens, target=target, pad=pad)
     options = dict(settings.algorithm_options(settings.method))
     return CompactionJob("warm-up", layout, (), (), settings.method, "context", None, options=options)
 

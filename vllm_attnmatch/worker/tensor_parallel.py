@@ -20,8 +20,7 @@ import os
 
 import torch
 
-from vllm_attnmatch.engine.head_budgets import rank_head_targets
-from vllm_attnmatch.engine.jobs import CompactionJob, CompactionResult
+from vllm_attnmatch.contract.jobs import CompactionJob, CompactionResult
 from vllm_attnmatch.worker.executor import DUMP_DIR_ENV
 
 OTHER_RANK_FAILED = "failed on another tensor-parallel rank"
@@ -32,6 +31,29 @@ def _tp_group():
     from vllm.distributed.parallel_state import get_tp_group
 
     return get_tp_group()
+
+
+def rank_kv_heads(total_kv_heads: int, tp_size: int, tp_rank: int) -> range:
+    """Global indices of the KV heads a tensor-parallel rank holds, in its local order (vLLM's
+    ``QKVParallelLinear``: contiguous slices, or one replicated head per rank when ``tp_size`` exceeds
+    the head count)."""
+    if tp_size >= total_kv_heads:
+        replicas = tp_size // total_kv_heads
+        head = tp_rank // replicas
+        return range(head, head + 1)
+    per_rank = total_kv_heads // tp_size
+    return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+
+
+def rank_head_targets(
+    targets: tuple[tuple[int, ...], ...], total_kv_heads: int, tp_size: int, tp_rank: int
+) -> tuple[tuple[int, ...], ...]:
+    """The rows of a job's global ``(L, H_total)`` budgets that belong to this rank's KV heads."""
+    heads = rank_kv_heads(total_kv_heads, tp_size, tp_rank)
+    for row in targets:
+        if len(row) != total_kv_heads:
+            raise ValueError(f"head budgets cover {len(row)} KV heads, the model has {total_kv_heads}")
+    return tuple(tuple(row[h] for h in heads) for row in targets)
 
 
 def job_for_this_rank(job: CompactionJob, total_kv_heads: int) -> CompactionJob:

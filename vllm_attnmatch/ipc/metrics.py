@@ -6,7 +6,7 @@ fields, so EngineCore writes its counters to a small JSON file (atomically, at m
 news) in a directory the front end created, and a Prometheus collector registered in the front end reads
 those files at scrape time. No vLLM import: the scheduler and the hook pass in what they know.
 
-The directory (shared with the per-request reports of :mod:`vllm_attnmatch.report`) is private to the run:
+The directory (shared with the per-request reports of :mod:`vllm_attnmatch.ipc.report`) is private to the run:
 the front end creates a fresh one with ``tempfile.mkdtemp`` (mode 0700) and a random run id, passes both to
 EngineCore (and to further API-server processes) through the environment, and removes the directory when it
 exits. Every file name carries the run id and readers take only their own run's files, so a directory

@@ -64,7 +64,7 @@ _ONLINE_QUERIES = 8
 
 def _cases(method: str, options: dict[str, Any], shape: CheckShape) -> Iterator[tuple[str, Any]]:
     """(call path, thunk) pairs: each thunk runs one engine-shaped compaction and raises on failure."""
-    from vllm_attnmatch.engine.jobs import CompactionJob, CompactionLayout
+    from vllm_attnmatch.contract.jobs import CompactionJob, CompactionLayout
     from vllm_attnmatch.worker.executor import compact_layer, compact_layer_online
 
     gen = torch.Generator().manual_seed(0)

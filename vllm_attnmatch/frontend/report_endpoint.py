@@ -7,7 +7,7 @@ general plugin; but a user who starts the server with an ``attnmatch`` section h
 the front end's config hook (:func:`install`) adds this plugin to the list vLLM discovers, and vLLM
 attaches it like any other endpoint plugin. The route sits under ``/v1``, so ``--api-key`` guards it.
 
-The reports themselves come from EngineCore through files (:mod:`vllm_attnmatch.report`). Answers:
+The reports themselves come from EngineCore through files (:mod:`vllm_attnmatch.ipc.report`). Answers:
 
 - 200 with the reports of the response ``id`` (one per prompt × ``n``);
 - 404 for an id with no report: unknown, dropped (each engine keeps its last ``MAX_REPORTS``), or a request
@@ -26,7 +26,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from vllm_attnmatch.report import MAX_REPORTS, AmbiguousId, find_reports
+from vllm_attnmatch.ipc.report import MAX_REPORTS, AmbiguousId, find_reports
 
 logger = init_logger("vllm.attnmatch.report")
 

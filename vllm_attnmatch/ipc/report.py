@@ -1,7 +1,7 @@
 """What happened to one request, for the client that sent it (``GET /v1/attnmatch/requests/{id}``).
 
 Compactions are decided in EngineCore, but the client talks to the API server process. vLLM's output path
-between the two carries fixed fields only, so, like the counters in :mod:`vllm_attnmatch.metrics`, each
+between the two carries fixed fields only, so, like the counters in :mod:`vllm_attnmatch.ipc.metrics`, each
 engine writes its per-request reports into the run's private directory, and the front end reads them when
 a client asks.
 
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_attnmatch.config import ConfigError, parse_request_params, request_keys
-from vllm_attnmatch.metrics import STATS_DIR_ENV, atomic_write, run_id
+from vllm_attnmatch.ipc.metrics import STATS_DIR_ENV, atomic_write, run_id
 
 #: Reports each engine keeps (live requests beyond it are kept too; finished ones are dropped oldest first).
 MAX_REPORTS = 4096
@@ -116,7 +116,7 @@ REPORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RequestReport))
 
 
 def shortest_compacted_prompt(keep_first: int, keep_last: int, min_span_tokens: int, block_size: int) -> int:
-    """The fewest prompt tokens that get compacted. Mirrors :func:`vllm_attnmatch.engine.jobs.plan_layout`:
+    """The fewest prompt tokens that get compacted. Mirrors :func:`vllm_attnmatch.engine.layouts.plan_layout`:
     the span ``[keep_first, span_end)`` holds ``min_span_tokens`` and ends at a block boundary that leaves
     ``max(keep_last, 1)`` prompt tokens raw."""
     span_end = -(-(keep_first + max(1, min_span_tokens)) // block_size) * block_size

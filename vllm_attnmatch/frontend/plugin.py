@@ -29,19 +29,22 @@ from vllm_attnmatch.config import (
     resolve_section,
     server_config_from,
 )
-from vllm_attnmatch.cli_flag import install_cli_flag
-from vllm_attnmatch.metrics import install_collector
-from vllm_attnmatch.option_check import CheckShape, check_algorithm_options
-from vllm_attnmatch.report_endpoint import install as install_report_endpoint
-from vllm_attnmatch.support import check_engine_args, check_vllm_config
+from vllm_attnmatch.contract.class_paths import (
+    CPU_WORKER_CLS,
+    GPU_WORKER_CLS,
+    SCHEDULER_CLS,
+    TRITON_BACKEND_CLS,
+    VALIDATOR_CLS,
+)
+from vllm_attnmatch.frontend.cli_flag import install_cli_flag
+from vllm_attnmatch.frontend.option_check import CheckShape, check_algorithm_options
+from vllm_attnmatch.frontend.report_endpoint import install as install_report_endpoint
+from vllm_attnmatch.frontend.support import check_engine_args, check_vllm_config, refuse
+from vllm_attnmatch.ipc.metrics import install_collector
 
 logger = init_logger("vllm.attnmatch")
 
 SUPPORTED_VLLM = "0.32."
-SCHEDULER_CLS = "vllm_attnmatch.engine.scheduler.AttnMatchScheduler"
-CPU_WORKER_CLS = "vllm_attnmatch.worker.cpu_worker.AttnMatchCPUWorker"
-GPU_WORKER_CLS = "vllm_attnmatch.worker.gpu_worker.AttnMatchGPUWorker"
-VALIDATOR_CLS = "vllm_attnmatch.validation:AttnMatchParamsValidator"
 _HOOK_MARKER = "_attnmatch_hooked"
 
 
@@ -103,11 +106,9 @@ def _configure_platform(args: Any) -> str:
     if current_platform.is_cuda():
         from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-        from vllm_attnmatch.attention.triton_backend import BACKEND_PATH
-
         if args.attention_backend not in (None, AttentionBackendEnum.CUSTOM, "CUSTOM"):
-            _refuse("--attention-backend", args.attention_backend, "β needs the plugin's Triton backend")
-        register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+            refuse("--attention-backend", args.attention_backend, "β needs the plugin's Triton backend")
+        register_backend(AttentionBackendEnum.CUSTOM, TRITON_BACKEND_CLS)
         args.attention_backend = AttentionBackendEnum.CUSTOM
         # vLLM's default compilation and CUDA graphs stay on: the backend reports no full-graph support,
         # so vLLM resolves the graphs to PIECEWISE and attention (with β and the query capture) runs
@@ -116,10 +117,6 @@ def _configure_platform(args: Any) -> str:
     raise RuntimeError(
         f"vllm-attnmatch supports the CPU and CUDA platforms, not {current_platform.device_name!r}"
     )
-
-
-def _refuse(setting: str, value: Any, why: str) -> None:
-    raise ConfigError(setting, f"{value!r} cannot be used with {CONFIG_KEY}: {why}")
 
 
 def model_check_shape(config: Any) -> CheckShape:
@@ -154,7 +151,7 @@ def configure_engine_args(args: Any) -> ServerConfig:
     args.additional_config = {**args.additional_config, CONFIG_KEY: resolved}  # a new dict: the caller's stays
     server = server_config_from(args.additional_config)
     assert server is not None
-    check_engine_args(args)  # the support matrix (vllm_attnmatch/support.py)
+    check_engine_args(args)  # the support matrix (vllm_attnmatch/frontend/support.py)
 
     args.scheduler_cls = SCHEDULER_CLS
     args.worker_cls = _configure_platform(args)

@@ -9,11 +9,12 @@ earliest point where its facts exist:
 - :func:`check_engine_args`: the command-line settings, before vLLM builds its config (front end);
 - :func:`check_vllm_config`: facts of the model and the resolved config (front end, right after vLLM
   built it: the model's config and the CPU block size exist only then);
-- :func:`check_attention_layers`: the instantiated attention layers (each worker, after the model is
-  built): the authoritative view of ALiBi, soft-capping, sinks, windows and KV sharing, whatever config
-  field a model uses for them.
+- ``attention.layer_support.check_attention_layers``: the instantiated attention layers (each worker,
+  after the model is built): the authoritative view of ALiBi, soft-capping, sinks, windows and KV
+  sharing, whatever config field a model uses for them. It lives beside the backends, below the front
+  end, because the workers run it.
 
-Nothing here changes a setting; :mod:`vllm_attnmatch.plugin` turns off what it must (async scheduling,
+Nothing here changes a setting; :mod:`vllm_attnmatch.frontend.plugin` turns off what it must (async scheduling,
 V2 runner) after these checks passed.
 """
 
@@ -22,13 +23,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
-from vllm_attnmatch.config import CONFIG_KEY, ConfigError, server_config_from
-
-
-def refuse(setting: str, value: Any, why: str) -> None:
-    raise ConfigError(setting, f"{value!r} cannot be used with {CONFIG_KEY}: {why}")
+from vllm_attnmatch.attention.layer_support import refuse, require_readable_cpu_layout
+from vllm_attnmatch.config import CONFIG_KEY, server_config_from
+from vllm_attnmatch.contract.class_paths import CPU_WORKER_CLS, GPU_WORKER_CLS, SCHEDULER_CLS
 
 
 # -- command-line settings (EngineArgs, before the config is built) -------------------------------------
@@ -36,8 +33,6 @@ def refuse(setting: str, value: Any, why: str) -> None:
 
 def check_engine_args(args: Any) -> None:
     """Refuse settings of ``args`` (an ``EngineArgs``) the plugin does not support."""
-    from vllm_attnmatch.plugin import CPU_WORKER_CLS, GPU_WORKER_CLS, SCHEDULER_CLS
-
     if args.scheduler_cls not in (None, SCHEDULER_CLS) and "vllm.v1.core" not in str(args.scheduler_cls):
         refuse("--scheduler-cls", args.scheduler_cls, "the plugin brings its own scheduler")
     if args.worker_cls not in ("auto", CPU_WORKER_CLS, GPU_WORKER_CLS):
@@ -154,44 +149,4 @@ def _check_cpu_layout(config: Any) -> None:
     isa = cpu_kv_layout(config)
     if isa is not None:
         model = config.model_config
-        _require_readable_cpu_layout(isa, model.dtype, config.cache_config.block_size, model.get_head_size())
-
-
-def _require_readable_cpu_layout(isa: str, dtype, block_size: int, head_dim: int) -> None:
-    """The plugin reads a CPU cache through the packing it learns from vLLM's own cache op for ``isa``
-    (:func:`attention.cpu_backend.kv_layout`); a packing it cannot learn is refused here, not mid-request."""
-    from vllm_attnmatch.attention.cpu_backend import kv_layout
-
-    try:
-        kv_layout(isa, dtype, block_size, head_dim)
-    except Exception as exc:  # noqa: BLE001 - any failure of the probe means: cannot read this packing
-        refuse("--dtype", str(dtype).removeprefix("torch."),
-               f"vLLM stores this CPU's KV cache in its {isa!r} packing (block size {block_size}, head size "
-               f"{head_dim}), which the plugin cannot read: {exc}")
-
-
-# -- the instantiated attention layers (worker) ---------------------------------------------------------
-
-
-def check_attention_layers(layers: dict[str, Any]) -> None:
-    """Refuse attention features the fit and the biased attention do not model, as the layers really have
-    them (``layers``: name → vLLM ``Attention`` of the KV cache the plugin manages)."""
-    for name, layer in layers.items():
-        impl = layer.impl
-        if getattr(impl, "alibi_slopes", None) is not None:
-            refuse("--model", name, "ALiBi biases logits by distance, which compaction does not preserve")
-        if getattr(impl, "logits_soft_cap", None):
-            refuse("--model", name, "logit soft-capping is not modelled by the fit")
-        if getattr(impl, "sinks", None) is not None:
-            refuse("--model", name, "attention sinks are not modelled by the fit")
-        window = getattr(impl, "sliding_window", None)
-        if window not in (None, -1) and window != (-1, -1):
-            refuse("--model", name, f"a sliding window ({window}) is not supported (full attention only)")
-        if getattr(layer, "kv_sharing_target_layer_name", None) or getattr(impl, "kv_sharing_target_layer_name", None):
-            refuse("--model", name, "layers sharing another layer's KV cache would be compacted twice")
-        kv_dtype = getattr(impl, "kv_cache_dtype", "auto")
-        if kv_dtype not in ("auto", None):
-            refuse("--kv-cache-dtype", kv_dtype, "a quantised KV cache is not supported (allowed: auto)")
-        isa, kv_cache = getattr(layer, "isa", None), getattr(layer, "kv_cache", None)
-        if isa is not None and isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 4:
-            _require_readable_cpu_layout(isa, kv_cache.dtype, int(kv_cache.shape[2]), int(kv_cache.shape[3]) // 2)
+        require_readable_cpu_layout(isa, model.dtype, config.cache_config.block_size, model.get_head_size())

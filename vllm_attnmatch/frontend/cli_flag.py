@@ -89,7 +89,7 @@ def validated_section(value: str) -> dict[str, Any]:
     """The flag's section resolved by content (``config.resolve_section``: preset and share files read
     here, in the process that parses the command line) after every start-up check that needs no model;
     raises ConfigError naming the key."""
-    from vllm_attnmatch.option_check import check_algorithm_options
+    from vllm_attnmatch.frontend.option_check import check_algorithm_options
 
     section = resolve_section(section_from_flag(value))
     check_algorithm_options(parse_server_config(section))
