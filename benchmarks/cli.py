@@ -2,7 +2,7 @@
 
     python -m benchmarks run --suite fidelity|speed|memory|kernels|all [--quick] [--url URL --model NAME]
     python -m benchmarks readme                      # README results from benchmarks/results/*_latest.json
-    python -m benchmarks offline|recall|on-policy|prefix-reuse|load|query-sources|online-ceiling|stall|capture-memory [...]
+    python -m benchmarks offline|recall|on-policy|prefix-reuse|load|query-sources|online-ceiling|stall|capture-memory|workload [...]
 
 ``run`` starts the server each suite needs (one at a time) unless ``--url`` names one, shows a progress
 bar, and writes ``benchmarks/results/<suite>_latest.{json,md,png}`` (``<suite>_quick.*`` with ``--quick``),
@@ -27,7 +27,7 @@ SUITES = ("fidelity", "speed", "memory", "kernels")
 #: other studies, forwarded as ``python -m benchmarks <name> [args]`` to ``benchmarks.<module>.main``
 STUDIES = {"offline": "offline", "recall": "recall", "on-policy": "on_policy", "prefix-reuse": "prefix_reuse", "load": "load",
            "query-sources": "query_sources", "online-ceiling": "online_ceiling", "stall": "stall",
-           "capture-memory": "capture_memory"}
+           "capture-memory": "capture_memory", "workload": "workload"}
 #: suite → {Config field: argparse destination}
 FIELDS = {
     "fidelity": {"texts": "texts", "ratios": "ratios", "methods": "methods", "doc_tokens": "doc_tokens",

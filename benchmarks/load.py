@@ -7,6 +7,7 @@ section), and whether the KV pool's free-block count returned to its start value
 ``benchmarks.launch.run_mixed_load``, shared with the end-to-end tests.
 
     python -m benchmarks load --requests 64
+    python -m benchmarks load --requests 64 --capture-budget-mib 8 --tag tiny_capture   # most compactions refused
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--capture-budget-mib", type=float,
+                        help="the plugin's capture_budget_mib (default: derived from the configuration); a tiny "
+                             "one makes most compactions wait or be refused, which must cost no request")
+    parser.add_argument("--tag", default="latest", help="results file suffix")
     args = parser.parse_args(argv)
 
     from benchmarks.launch import Server, run_mixed_load
@@ -30,7 +35,10 @@ def main(argv=None) -> int:
 
     meta = stamp()
     model = ensure_model()
-    plugin = Server("load-plugin", model, PLUGIN, ["--enforce-eager"], kv_cache_gib=1, dumps=False)
+    section = dict(PLUGIN["attnmatch"])
+    if args.capture_budget_mib is not None:
+        section["capture_budget_mib"] = args.capture_budget_mib
+    plugin = Server("load-plugin", model, {"attnmatch": section}, ["--enforce-eager"], kv_cache_gib=1, dumps=False)
     stock = Server("load-stock", model, None, ["--enforce-eager"], kv_cache_gib=1, dumps=False)
     try:
         plugin.wait_ready()
@@ -41,8 +49,9 @@ def main(argv=None) -> int:
         plugin.stop()
         stock.stop()
     report.update(compactions=metrics.get("compactions"), failures=metrics.get("failures"),
-                  prefix_hits=metrics.get("prefix_hits"))
+                  prefix_hits=metrics.get("prefix_hits"), capture_refused=metrics.get("capture_refused"),
+                  capture_budget_mib=args.capture_budget_mib)
     result = {"suite": "load", "meta": meta, **report}
-    output.write(result, "load_latest", "```json\n" + json.dumps(result, indent=1) + "\n```")
+    output.write(result, f"load_{args.tag}", "```json\n" + json.dumps(result, indent=1) + "\n```")
     print(json.dumps(report, indent=1))
     return 0 if not report["errors"] and not report["isolation_mismatches"] and report["leaked_blocks"] == 0 else 1

@@ -189,3 +189,24 @@ def offline(rows: list[dict], path: Path, methods) -> None:
         ax.set_title(f"{set_.upper()} set ({n_texts} texts) · {source} queries")
     axes[0][0].legend(fontsize=7)
     _save(fig, path)
+
+
+def workload(result: dict, path: Path) -> None:
+    """Wall time and output tokens/s of each workload, stock beside compaction and its eviction baseline."""
+    plt = _pyplot()
+    workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for ax, key, label in zip(axes, ("wall_s", "output_tokens_per_s"), ("wall time (s)", "output tokens/s")):
+        for w, name in enumerate(workloads):
+            rows = [r for r in result["rows"] if r["workload"] == name]
+            width = 0.8 / len(rows)
+            for i, r in enumerate(rows):
+                bar = ax.bar(w + (i - (len(rows) - 1) / 2) * width, r[key] or 0, width,
+                             color={"stock": "grey", "compacted": "tab:blue"}.get(r["mode"], "tab:orange"))
+                ax.annotate(r["mode"], (bar[0].get_x() + width / 2, 0), rotation=90, ha="center", va="bottom",
+                            fontsize=7, color="white")
+        ax.set_xticks(range(len(workloads)), workloads)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    _title(fig, result, f"Workloads in a {result['pool_blocks']}-block KV pool: stock vLLM vs compaction")
+    _save(fig, path)

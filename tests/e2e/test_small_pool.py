@@ -149,3 +149,51 @@ def test_online_request_outgrows_its_share_of_a_tiny_pool_without_crowding_out_o
     assert after["online_compactions"] - before["online_compactions"] >= 2
     assert after["failures"] == before["failures"]
     assert server.wait_idle_free_blocks(expected=total) == total
+
+
+def test_plain_requests_get_stock_tokens_in_blocks_that_held_evicted_compacted_prefixes(
+    tiny_pool_server, stock_server, tokenizer, document
+):
+    """Issue 21 §1 through the real server: three compacted prefixes (β written in their blocks) are stored,
+    reused, then evicted by a plain prompt that needs the whole pool and so gets their blocks; that prompt,
+    and plain prompts running beside compactions that recompute and reuse the prefixes, give stock vLLM's
+    tokens, and every block comes back."""
+    server = tiny_pool_server
+    total = server.metrics()["kv_total_blocks"]
+    question = tokenizer("\n\nQuestion: what is this text about?\nAnswer:")["input_ids"]
+    docs = [tokenizer(document[200 * i:] + document)["input_ids"][:512] + question for i in range(3)]
+    whole_pool = tokenizer(document * 4)["input_ids"][100:1480]  # + 24 generated: all 11 usable blocks
+    plain = [document[300 * i: 300 * i + 1200] for i in range(4)]
+    expected = {p: _complete(stock_server, p, max_tokens=24, ignore_eos=True) for p in plain}
+    expected_whole = _complete(stock_server, whole_pool, max_tokens=24, ignore_eos=True)
+    xargs = {"am_ratio": 0.1}
+    before = server.metrics()
+    for doc in docs:
+        _complete(server, doc, xargs, cache_salt="isolation")
+    _complete(server, docs[0], xargs, cache_salt="isolation")  # a reuse: its β is read from the stored blocks
+    assert server.metrics()["prefix_hits"] >= before["prefix_hits"] + 1
+    assert _complete(server, whole_pool, max_tokens=24, ignore_eos=True) == expected_whole
+    assert server.metrics()["prefix_evictions"] >= before["prefix_evictions"] + 1
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def run(prompt, body):
+        try:
+            text = _complete(server, prompt, max_tokens=24, ignore_eos=True, **body)
+            if "vllm_xargs" not in body:
+                results[prompt] = text
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    jobs = [(doc, {"vllm_xargs": xargs, "cache_salt": "isolation"}) for doc in (*docs, docs[1])] + [(p, {}) for p in plain]
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results == expected
+    after = server.metrics()
+    assert after["failures"] == before["failures"]
+    assert after["compactions"] > before["compactions"] + 3  # evicted prefixes were recomputed
+    assert server.wait_idle_free_blocks(expected=total) == total

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from vllm_attnmatch.attention.cpu_paged import (
+    BiasedRows,
+    KVLayout,
+    attend_biased_rows,
     attention_with_bias,
     gather_bias,
     gather_kv,
@@ -170,3 +173,69 @@ def test_affine_packings_are_read_through_a_strided_view_and_others_element_by_e
         block, t = int(blocks[p // 128]), p % 128
         assert torch.equal(keys[:, p], flat[block][:, vec.key_index[t]])
         assert torch.equal(values[:, p], flat[block][:, vec.value_index[t]])
+
+
+def _shuffled_layout(block_size: int, head_dim: int) -> KVLayout:
+    """A one-to-one packing that no strided view reads (like ``amx``): the element-wise gather path."""
+    perm = torch.randperm(2 * block_size * head_dim, generator=torch.Generator().manual_seed(7))
+    return KVLayout(key_index=perm[: block_size * head_dim].view(block_size, head_dim),
+                    value_index=perm[block_size * head_dim:].view(block_size, head_dim))
+
+
+def _mixed_step(layout: KVLayout, block_size=16, head_dim=8, kv_heads=2, q_heads=6):
+    """A step of 5 requests in one paged cache: plain decode, compacted decode at two lengths, a compacted
+    prefill chunk of 5 tokens, and a plain chunk; table entries past a request's blocks hold junk."""
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(12, kv_heads, block_size, 2 * head_dim, generator=g)
+    bias = torch.randn(12, kv_heads, block_size, generator=g)
+    q_lens, seq_lens = [1, 1, 1, 5, 3], [20, 37, 9, 30, 12]
+    tables = torch.tensor([[0, 1, 0], [2, 7, 5], [9, -1, 11], [4, 10, -1], [3, 6, 8]])
+    starts = torch.tensor([0, *q_lens]).cumsum(0)
+    query = torch.randn(int(starts[-1]), q_heads, head_dim, generator=g)
+    flat = cache.view(12, kv_heads, -1)
+
+    def reference(row):  # dense attention over the request's slots, read through the layout's map
+        n = seq_lens[row]
+        pos = torch.arange(n)
+        blocks, t = tables[row][pos // block_size], pos % block_size
+        keys = torch.stack([flat[blocks[i], :, layout.key_index[t[i]]] for i in range(n)], dim=1)
+        values = torch.stack([flat[blocks[i], :, layout.value_index[t[i]]] for i in range(n)], dim=1)
+        beta = bias[blocks, :, t].T
+        return _dense_attention(query[starts[row]:starts[row + 1]], keys, values, beta, 0.3)
+
+    return cache, bias, query, tables, starts, torch.tensor(seq_lens), reference
+
+
+@pytest.mark.parametrize("packing", ["vec", "non-affine"])
+def test_compacted_rows_of_a_mixed_step_get_biased_attention_and_plain_rows_are_untouched(packing):
+    """Decode rows of several compacted requests at different lengths run as one batch, a compacted
+    prefill chunk runs causally on its own, and rows of plain requests keep the stock kernel's output."""
+    layout = vec_layout(16, 8) if packing == "vec" else _shuffled_layout(16, 8)
+    cache, bias, query, tables, starts, seq_lens, reference = _mixed_step(layout)
+    compacted = [1, 2, 3]
+    plan = BiasedRows.of(compacted, starts, seq_lens, tables, 16)
+    assert plan.decode is not None and plan.decode.tokens.tolist() == [1, 2]
+    assert [c[2] for c in plan.chunks] == [3]
+    stock = torch.full((query.shape[0], 6 * 8), 123.0)  # what the stock kernel left: must stay for plain rows
+    output = stock.clone()
+    attend_biased_rows(plan, query, cache, bias, tables, 0.3, layout, output)
+    for row in range(5):
+        got = output[starts[row]:starts[row + 1]].view(-1, 6, 8)
+        if row in compacted:
+            torch.testing.assert_close(got, reference(row), atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(output[starts[row]:starts[row + 1]], stock[starts[row]:starts[row + 1]])
+
+
+def test_batched_decode_rows_equal_one_request_at_a_time():
+    """The batched decode path gives the per-request path's numbers, row for row (β and padding included)."""
+    layout = vec_layout(16, 8)
+    cache, bias, query, tables, starts, seq_lens, _ = _mixed_step(layout)
+    rows = [0, 1, 2]  # three decode rows of lengths 20, 37 and 9: padded to 3 blocks
+    batched = torch.zeros(query.shape[0], 6, 8)
+    attend_biased_rows(BiasedRows.of(rows, starts, seq_lens, tables, 16), query, cache, bias, tables, 0.3, layout, batched)
+    for row in rows:
+        keys, values = gather_kv(cache, tables[row][: -(-int(seq_lens[row]) // 16)], int(seq_lens[row]), layout)
+        beta = gather_bias(bias, tables[row][: -(-int(seq_lens[row]) // 16)], int(seq_lens[row]))
+        one = attention_with_bias(query[starts[row]:starts[row] + 1], keys, values, beta, 0.3)
+        torch.testing.assert_close(batched[starts[row]:starts[row] + 1], one, atol=1e-6, rtol=1e-6)

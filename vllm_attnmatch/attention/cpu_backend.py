@@ -2,7 +2,8 @@
 
 Registered over ``CPU_ATTN`` (the CPU platform always picks that name) by the plugin's worker, only when
 the plugin is enabled. Batches without compacted requests run exactly the stock kernel; rows of
-compacted requests are recomputed in torch with β added (see :mod:`cpu_paged`).
+compacted requests are recomputed in torch with β added (see :mod:`cpu_paged`): every compacted decode
+row of the step in one batch per layer, from a plan of the step's rows read once for all layers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from vllm_attnmatch.attention.common import AttnMatchBackendMixin, AttnMatchImplMixin
-from vllm_attnmatch.attention.cpu_paged import KVLayout, paged_attention_with_bias, probe_layout
+from vllm_attnmatch.attention.cpu_paged import BiasedRows, KVLayout, attend_biased_rows, probe_layout
+
+PLAN_KEY = "cpu_biased_rows"  # StepContext.per_step entry: where this step's compacted rows are
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,15 +48,10 @@ class AttnMatchCPUAttentionBackend(AttnMatchBackendMixin, CPUAttentionBackend):
 
 class AttnMatchCPUAttentionImpl(AttnMatchImplMixin, CPUAttentionBackendImpl):
     def attend_biased_rows(self, ctx, layer, query, kv_cache, attn_metadata, output) -> None:
-        layout = layer_kv_layout(layer, kv_cache)
-        bias = ctx.bias[layer.layer_name]
-        starts = attn_metadata.query_start_loc.tolist()
-        seq_lens = attn_metadata.seq_lens.tolist()
-        for row in ctx.biased_batch_rows:
-            start, end = starts[row], starts[row + 1]
-            if end == start:
-                continue
-            out = paged_attention_with_bias(
-                query[start:end], kv_cache, bias, attn_metadata.block_table[row], seq_lens[row], self.scale, layout
-            )
-            output[start:end] = out.reshape(output[start:end].shape).to(output.dtype)
+        plan = ctx.per_step.get(PLAN_KEY)
+        if plan is None:  # the first layer of the step reads where the rows are; the others reuse it
+            plan = ctx.per_step[PLAN_KEY] = BiasedRows.of(
+                ctx.biased_batch_rows, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                attn_metadata.block_table, int(kv_cache.shape[2]))
+        attend_biased_rows(plan, query, kv_cache, ctx.bias[layer.layer_name], attn_metadata.block_table, self.scale,
+                           layer_kv_layout(layer, kv_cache), output)

@@ -125,15 +125,22 @@ def gather_kv(
     n = raw.shape[0]
 
     def read(index: torch.Tensor, strides: tuple[int, int, int] | None) -> torch.Tensor:
-        if strides is None:
-            picked = raw[:, :, index.reshape(-1)].view(n, num_heads, block_size, head_dim)
-        else:
-            offset, st, sj = strides
-            picked = raw.as_strided((n, num_heads, block_size, head_dim), (raw.stride(0), raw.stride(1), st, sj),
-                                    raw.storage_offset() + offset)
+        picked = _unpack(raw, index, strides)
         return picked.permute(1, 0, 2, 3).reshape(num_heads, n * block_size, head_dim)[:, :length]
 
     return read(layout.key_index, layout.key_strides), read(layout.value_index, layout.value_strides)
+
+
+def _unpack(raw: torch.Tensor, index: torch.Tensor, strides: tuple[int, int, int] | None) -> torch.Tensor:
+    """``(n, H, block_size, d)`` K or V of ``n`` copied blocks ``raw`` ``(n, H, 2·bs·d)``: a strided view
+    for affine packings, an element-wise gather otherwise."""
+    n, num_heads, _ = raw.shape
+    block_size, head_dim = index.shape
+    if strides is None:
+        return raw[:, :, index.reshape(-1)].view(n, num_heads, block_size, head_dim)
+    offset, st, sj = strides
+    return raw.as_strided((n, num_heads, block_size, head_dim), (raw.stride(0), raw.stride(1), st, sj),
+                          raw.storage_offset() + offset)
 
 
 def gather_bias(bias: torch.Tensor, block_ids, length: int) -> torch.Tensor:
@@ -191,3 +198,100 @@ def paged_attention_with_bias(
     ids = block_table_row[:num_blocks].long()
     keys, values = gather_kv(kv_cache, ids, seq_len, layout)
     return attention_with_bias(query, keys, values, gather_bias(bias, ids, seq_len), scale)
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The single-token (decode) rows of compacted requests in one step, prepared once per step and used by
+    every layer: token indices into the step's query tensor, each request's block ids padded to the
+    longest, and an additive mask (0 for a request's live slots, -inf past its length)."""
+
+    tokens: torch.Tensor  # (R,) long
+    block_ids: torch.Tensor  # (R, B) long
+    mask: torch.Tensor  # (R, 1, B·block_size) float32
+
+    @classmethod
+    def of(cls, tokens, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> DecodeBatch:
+        """``block_tables`` (R, ≥B) and ``seq_lens`` (R,) of the decode rows' requests."""
+        seq_lens = seq_lens.long()
+        blocks = int(-(-int(seq_lens.max()) // block_size))
+        used = -(-seq_lens // block_size)  # a request's own blocks; the table's entries past them may be stale
+        ids = block_tables[:, :blocks].long()
+        ids = ids.masked_fill(torch.arange(blocks)[None, :] >= used[:, None], 0)  # read block 0, masked anyway
+        slots = torch.arange(blocks * block_size)
+        mask = torch.zeros(len(seq_lens), 1, blocks * block_size)
+        mask.masked_fill_(slots[None, None, :] >= seq_lens[:, None, None], float("-inf"))
+        return cls(torch.as_tensor(tokens, dtype=torch.long), ids, mask)
+
+
+def decode_attention_with_bias(query: torch.Tensor, kv_cache: torch.Tensor, bias: torch.Tensor, batch: DecodeBatch,
+                               scale: float, layout: KVLayout) -> torch.Tensor:
+    """Attention with β of every decode row of ``batch`` at once (a fixed dozen tensor ops per layer,
+    however many compacted requests decode): ``(R, H_q, d)`` fp32 outputs of ``query[batch.tokens]``.
+
+    With the ``vec`` packing each block already holds Kᵀ (``d × block_size``) and V (``block_size × d``)
+    contiguously, so scores and outputs are computed block by block straight from the copied blocks, with
+    no transposing read of K or V; other packings are read into ``(H, L, d)`` first."""
+    num_blocks, num_heads, block_size, two_d = kv_cache.shape
+    head_dim = two_d // 2
+    requests, blocks = batch.block_ids.shape
+    flat = batch.block_ids.reshape(-1)
+    raw = kv_cache.view(num_blocks, num_heads, 2 * block_size * head_dim).index_select(0, flat).float()  # (R·B, H, 2·bs·d)
+    group = query.shape[1] // num_heads
+    q = query.index_select(0, batch.tokens).float().view(requests, 1, num_heads, group, head_dim)
+    beta = bias.index_select(0, flat).float().view(requests, blocks, num_heads, 1, block_size)
+    beta = beta + batch.mask.view(requests, blocks, 1, 1, block_size)
+    if _is_vec(layout, block_size, head_dim):
+        keys_t = raw[:, :, : block_size * head_dim].view(requests, blocks, num_heads, head_dim, block_size)
+        values = raw[:, :, block_size * head_dim:].view(requests, blocks, num_heads, block_size, head_dim)
+    else:
+        keys_t = _unpack(raw, layout.key_index, layout.key_strides).transpose(-1, -2)
+        keys_t = keys_t.reshape(requests, blocks, num_heads, head_dim, block_size)
+        values = _unpack(raw, layout.value_index, layout.value_strides).reshape(requests, blocks, num_heads,
+                                                                                 block_size, head_dim)
+    scores = torch.matmul(q * scale, keys_t) + beta  # (R, B, H, G, bs)
+    # softmax over all of a request's slots: its blocks × block_size
+    joint = scores.permute(0, 2, 3, 1, 4).reshape(requests, num_heads, group, blocks * block_size)
+    weights = torch.softmax(joint, dim=-1).view(requests, num_heads, group, blocks, block_size).permute(0, 3, 1, 2, 4)
+    out = torch.matmul(weights, values).sum(dim=1)  # (R, H, G, d)
+    return out.reshape(requests, num_heads * group, head_dim)
+
+
+def _is_vec(layout: KVLayout, block_size: int, head_dim: int) -> bool:
+    """Kᵀ then V, each contiguous within a (block, head): what the block-wise decode reads without copies."""
+    return layout.key_strides == (0, 1, block_size) and layout.value_strides == (block_size * head_dim, head_dim, 1)
+
+
+@dataclass(frozen=True)
+class BiasedRows:
+    """Where a step's compacted rows are, read once per step (every layer shares the step's block tables
+    and lengths): the decode rows as one :class:`DecodeBatch`, the multi-token rows (prefill chunks over
+    a compacted prefix) as ``(start, end, batch row, seq_len)``."""
+
+    decode: DecodeBatch | None
+    chunks: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def of(cls, rows: list[int], query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+           block_size: int) -> BiasedRows:
+        starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+        single = [r for r in rows if starts[r + 1] - starts[r] == 1]
+        chunks = tuple((starts[r], starts[r + 1], r, lengths[r]) for r in rows if starts[r + 1] - starts[r] > 1)
+        decode = None
+        if single:
+            index = torch.tensor(single, dtype=torch.long)
+            decode = DecodeBatch.of([starts[r] for r in single], block_table.index_select(0, index),
+                                    seq_lens.index_select(0, index), block_size)
+        return cls(decode, chunks)
+
+
+def attend_biased_rows(plan: BiasedRows, query: torch.Tensor, kv_cache: torch.Tensor, bias: torch.Tensor,
+                       block_table: torch.Tensor, scale: float, layout: KVLayout, output: torch.Tensor) -> None:
+    """Overwrite ``output`` at the compacted rows with their attention with β: all decode rows in one batch,
+    each prefill chunk on its own (it needs a causal mask of its own length)."""
+    if plan.decode is not None:
+        out = decode_attention_with_bias(query, kv_cache, bias, plan.decode, scale, layout)
+        output.index_copy_(0, plan.decode.tokens, out.reshape(-1, *output.shape[1:]).to(output.dtype))
+    for start, end, row, seq_len in plan.chunks:
+        out = paged_attention_with_bias(query[start:end], kv_cache, bias, block_table[row], seq_len, scale, layout)
+        output[start:end] = out.reshape(output[start:end].shape).to(output.dtype)

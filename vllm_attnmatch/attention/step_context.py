@@ -59,6 +59,8 @@ class StepContext:
     captured_rows: dict[str, int] = field(default_factory=dict)
     # req_id -> why its capture was dropped (its compaction fails instead of running on partial queries)
     capture_failed: dict[str, str] = field(default_factory=dict)
+    # what a backend derived from this step's metadata once, for all its layers (cleared every step)
+    per_step: dict[str, object] = field(default_factory=dict)
 
     def record_queries(self, layer_name: str, query: torch.Tensor) -> None:
         """Called by each attention layer with the step's post-RoPE queries (num_tokens, H_q, d)."""
@@ -83,6 +85,7 @@ class StepContext:
     ) -> None:
         self.capture = capture
         self.biased_batch_rows = biased_batch_rows
+        self.per_step = {}
         if biased_batch_rows and query_starts is not None:
             spans = [(query_starts[r], query_starts[r + 1]) for r in biased_batch_rows]
             lengths = [end - start for start, end in spans]
