@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="latest")
     args = ap.parse_args(argv)
 
-    from benchmarks.launch import Server
+    from harness.server import Server
     from vllm_attnmatch.config import ServerConfig
     from vllm_attnmatch.model import ensure_model
 

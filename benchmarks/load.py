@@ -4,7 +4,7 @@ Sends ``--requests`` requests at once (compacting with several methods, non-comp
 hits, streaming and non-streaming, some aborted mid-stream by the client) and reports: errors, whether
 every non-compacting request produced stock vLLM's greedy tokens (a second server without the plugin
 section), and whether the KV pool's free-block count returned to its start value. The load itself is
-``benchmarks.launch.run_mixed_load``, shared with the end-to-end tests.
+``harness.server.run_mixed_load``, shared with the end-to-end tests.
 
     python -m benchmarks load --requests 64
     python -m benchmarks load --requests 64 --capture-budget-mib 8 --tag tiny_capture   # most compactions refused
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="latest", help="results file suffix")
     args = parser.parse_args(argv)
 
-    from benchmarks.launch import Server, run_mixed_load
+    from harness.server import Server, run_mixed_load
     from vllm_attnmatch.model import ensure_model
 
     meta = stamp()

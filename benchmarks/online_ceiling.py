@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="online_ceiling_latest")
     args = ap.parse_args(argv)
 
-    from benchmarks.launch import Server
+    from harness.server import Server
     from vllm_attnmatch.model import ensure_model
 
     meta = stamp()

@@ -358,7 +358,7 @@ def main(argv=None) -> None:
         ap.error(f"--variants: unknown {sorted(unknown)} (allowed: {', '.join([*SOURCES, 'head_budgets'])})")
     from transformers import AutoTokenizer
 
-    from benchmarks.launch import Server
+    from harness.server import Server
     from vllm_attnmatch.model import ensure_model
 
     meta = stamp()

@@ -1,4 +1,4 @@
-"""The server a benchmark talks to: one it starts itself (``benchmarks.launch.Server``) or one given by URL.
+"""The server a benchmark talks to: one it starts itself (``harness.server.Server``) or one given by URL.
 
 Why one module: every suite needs the same few calls — prompt logprobs, a timed streaming completion, a
 chat completion, a ``/metrics`` snapshot, the KV block size — and the same rule that a server we start
@@ -238,7 +238,7 @@ class Servers:
         if self._endpoint is not None and self._endpoint.spec == spec:
             return self._endpoint
         self.close()
-        from benchmarks.launch import Server
+        from harness.server import Server
         from vllm_attnmatch.model import ensure_model
 
         config = json.loads(spec.additional_config_json) if spec.additional_config_json else None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.launch import Server
+from harness.server import Server
 from vllm_attnmatch.model import ensure_model
 
 TEXT_PATH = Path("/usr/share/common-licenses/GPL-3")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from benchmarks.launch import CONSOLE_SCRIPT, Server
+from harness.server import CONSOLE_SCRIPT, Server
 
 pytestmark = pytest.mark.server
 

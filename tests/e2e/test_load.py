@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.launch import run_mixed_load
+from harness.server import run_mixed_load
 
 pytestmark = pytest.mark.server
 

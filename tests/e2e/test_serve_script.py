@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from benchmarks.launch import STARTUP_TIMEOUT_S, _free_port
+from harness.server import STARTUP_TIMEOUT_S, free_port
 
 pytestmark = pytest.mark.server
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def served():
     """``scripts/serve.sh --port P`` as a user starts it (a 1 GiB KV cache to fit beside the other servers)."""
-    port = _free_port()
+    port = free_port()
     log = Path(tempfile.mkdtemp(prefix="attnmatch-serve-sh-")) / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(

@@ -7,7 +7,7 @@ import re
 import openai
 import pytest
 
-from benchmarks.launch import Server
+from harness.server import Server
 
 pytestmark = pytest.mark.server
 

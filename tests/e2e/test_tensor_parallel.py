@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.launch import Server
+from harness.server import Server
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
 
 pytestmark = pytest.mark.server

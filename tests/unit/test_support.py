@@ -207,7 +207,7 @@ def test_attention_layers_with_unsupported_features_are_refused(layer, setting, 
 
 @pytest.mark.server
 def test_server_with_fp8_kv_cache_refuses_to_start_naming_the_setting(model_dir):
-    from benchmarks.launch import Server
+    from harness.server import Server
 
     server = Server("fp8", model_dir, {"attnmatch": {"preset": "default"}},
                     ["--enforce-eager", "--kv-cache-dtype", "fp8"])

@@ -22,7 +22,7 @@ import requests
 STARTUP_TIMEOUT_S = 900
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -81,7 +81,7 @@ class Server:
         dumps: bool = True,
     ):
         self.name = name
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix=f"attnmatch-{name}-"))
         self.log_path = self.workdir / "server.log"
         self.dump_dir = self.workdir / "dumps"
