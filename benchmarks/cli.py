@@ -20,11 +20,11 @@ import time
 
 from pydantic import ValidationError
 
-from . import output
-from .stamp import stamp
+from .common import output
+from .common.stamp import stamp
 
 SUITES = ("fidelity", "speed", "memory", "kernels")
-#: other studies, forwarded as ``python -m benchmarks <name> [args]`` to ``benchmarks.<module>.main``
+#: other studies, forwarded as ``python -m benchmarks <name> [args]`` to ``benchmarks.suites.<module>.main``
 STUDIES = {"offline": "offline", "recall": "recall", "on-policy": "on_policy", "prefix-reuse": "prefix_reuse", "load": "load",
            "query-sources": "query_sources", "online-ceiling": "online_ceiling", "stall": "stall",
            "capture-memory": "capture_memory", "workload": "workload"}
@@ -41,7 +41,7 @@ FIELDS = {
 
 
 def suite_module(name: str):
-    return importlib.import_module(f"benchmarks.{name}")
+    return importlib.import_module(f"benchmarks.suites.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--update-readme", action="store_true", help="regenerate the README's results afterwards")
 
     f = run.add_argument_group("fidelity")
-    f.add_argument("--texts", nargs="+", help="corpus names (benchmarks/corpus.py), dev | test | all, licence names "
+    f.add_argument("--texts", nargs="+", help="corpus names (benchmarks/common/corpus.py), dev | test | all, licence names "
                    "or paths (default: dev test)")
     f.add_argument("--presets", nargs="*", help="presets each served by its own server and scored (default: all "
                    "bundled; none with --quick)")
     f.add_argument("--ratios", nargs="+", type=float)
-    f.add_argument("--methods", nargs="+", help="AM, eviction and text methods (see benchmarks/fidelity.py)")
+    f.add_argument("--methods", nargs="+", help="AM, eviction and text methods (see benchmarks/suites/fidelity.py)")
     f.add_argument("--doc-tokens", type=int, help="document tokens (a multiple of the KV block size)")
     f.add_argument("--cont-tokens", type=int, help="continuation tokens scored after the document")
     f.add_argument("--top", type=int, help="top-k of the prompt logprobs (KL@k)")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("readme", help="regenerate the README's results from benchmarks/results/*_latest.json")
     for name, module in STUDIES.items():
-        sub.add_parser(name, help=f"benchmarks/{module}.py (arguments: python -m benchmarks {name} --help)")
+        sub.add_parser(name, help=f"benchmarks/suites/{module}.py (arguments: python -m benchmarks {name} --help)")
     return parser
 
 
@@ -110,7 +110,7 @@ def config_for(name: str, args: argparse.Namespace):
 def run_suites(args: argparse.Namespace) -> list[dict]:
     from tqdm import tqdm
 
-    from .serving import Servers
+    from .common.serving import Servers
 
     names = list(SUITES) if args.suite == "all" else [args.suite]
     configs = {n: config_for(n, args) for n in names}  # every suite's options are checked before any server starts

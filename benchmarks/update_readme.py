@@ -16,8 +16,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the benchmarks package, not sibling modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks import answers, output, sets
-from benchmarks.stamp import describe
+from benchmarks.common import answers, output, sets
+from benchmarks.common.stamp import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 LINK = "benchmarks/results"
@@ -38,14 +38,14 @@ def _source(result: dict, suite: str) -> str:
 
 
 def fidelity_block(result: dict | None) -> list[str]:
-    from benchmarks.fidelity import _methods
+    from benchmarks.suites.fidelity import _methods
 
     if result is None:
         return _missing("fidelity")
     cfg = result["config"]
     return [
         _source(result, "fidelity"), "",
-        (f"Texts ({len(cfg['texts'])}, split into DEV and TEST in benchmarks/corpus.py): a {cfg['doc_tokens']}-token document is reduced to the budget, then the next "
+        (f"Texts ({len(cfg['texts'])}, split into DEV and TEST in benchmarks/common/corpus.py): a {cfg['doc_tokens']}-token document is reduced to the budget, then the next "
         f"{cfg['cont_tokens']} tokens are scored after it through the server (prompt logprobs), mean over texts."), "",
         *answers.fidelity_lines(answers.fidelity(result)), "",
         f"![fidelity vs ratio]({LINK}/fidelity_latest.png)", "",
@@ -129,7 +129,7 @@ def _corpus_table(result: dict) -> list[str]:
 def speed_block(result: dict | None) -> list[str]:
     if result is None:
         return _missing("speed")
-    from benchmarks.speed import markdown
+    from benchmarks.suites.speed import markdown
 
     table = [line for line in markdown(result).splitlines() if line.startswith("|")]
     return [_source(result, "speed"), "", *answers.speed_lines(answers.speed(result)), "",
@@ -139,7 +139,7 @@ def speed_block(result: dict | None) -> list[str]:
 def memory_block(result: dict | None) -> list[str]:
     if result is None:
         return _missing("memory")
-    from benchmarks.memory import markdown
+    from benchmarks.suites.memory import markdown
 
     table = [line for line in markdown(result).splitlines() if line.startswith("|")]
     return [_source(result, "memory"), "", *answers.memory_lines(answers.memory(result)), "",

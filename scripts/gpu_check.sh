@@ -11,8 +11,8 @@
 #      bundled model or vLLM skip cleanly;
 #   2. the kernel tests (tests/kernels) compiled for the GPU (ATTNMATCH_KERNEL_TEST_DEVICE=cuda), fp32 / bf16 /
 #      fp16 cases as parametrised there;
-#   3. the per-component compaction cost (benchmarks/compaction_cost.py) on CUDA in bf16;
-#   4. the kernel benchmark (benchmarks/kernels.py) in bf16 and fp16, T = 4096 and 16384;
+#   3. the per-component compaction cost (benchmarks/suites/compaction_cost.py) on CUDA in bf16;
+#   4. the kernel benchmark (benchmarks/suites/kernels.py) in bf16 and fp16, T = 4096 and 16384;
 # and writes benchmarks/results/gpu_check_latest.{json,md} (device named) next to the step outputs
 # (gpu_check_kernels_{bf16,fp16}.json, compaction_cost_gpu_check_cuda_bf16.{json,md}, gpu_check_logs/).
 # Every step has its own time limit and the script goes on after a failing step; it exits non-zero if any
@@ -86,11 +86,11 @@ EOF
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
 step algorithm_tests 150 "${PYTEST[@]}" tests/algorithms
 step kernel_tests 150 env ATTNMATCH_KERNEL_TEST_DEVICE=cuda "${PYTEST[@]}" tests/kernels
-step compaction_cost_cuda 60 "$PY" -m benchmarks.compaction_cost --device cuda --dtype bf16 \
+step compaction_cost_cuda 60 "$PY" -m benchmarks.suites.compaction_cost --device cuda --dtype bf16 \
   --lengths 1024 2048 4096 --repeats 3 --tag gpu_check_cuda_bf16 --results "$RESULTS"
-step kernel_bench_bf16 75 "$PY" benchmarks/kernels.py --dtype bf16 --seq-lens 4096,16384 \
+step kernel_bench_bf16 75 "$PY" benchmarks/suites/kernels.py --dtype bf16 --seq-lens 4096,16384 \
   --out "$RESULTS/gpu_check_kernels_bf16.json"
-step kernel_bench_fp16 75 "$PY" benchmarks/kernels.py --dtype fp16 --seq-lens 4096,16384 \
+step kernel_bench_fp16 75 "$PY" benchmarks/suites/kernels.py --dtype fp16 --seq-lens 4096,16384 \
   --out "$RESULTS/gpu_check_kernels_fp16.json"
 "$PY" - "$STEPS_FILE" "$RESULTS" "$START" <<'EOF'
 """Summarise the steps into gpu_check_latest.{json,md} (device named, last lines of each log)."""
@@ -110,7 +110,7 @@ try:
 except Exception:  # noqa: BLE001
     versions["triton"] = None
 try:
-    from benchmarks.stamp import stamp
+    from benchmarks.common.stamp import stamp
     meta = stamp()
 except Exception as exc:  # noqa: BLE001
     meta = {"error": str(exc)}

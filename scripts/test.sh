@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 # --durations: the slowest tests are printed at the end of every run (the suite is long on 2 cores).
-exec python -m pytest tests --durations=15 "$@"
+# benchmarks/tests: the tests of the benchmark code, kept beside it (tests/ never imports benchmarks).
+exec python -m pytest tests benchmarks/tests --durations=15 "$@"

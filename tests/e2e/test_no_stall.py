@@ -1,6 +1,6 @@
 """A compaction never freezes the batch: it runs a slice of layers per engine step while the compacting
 request is held out, and every other request keeps decoding. Counted in engine steps (tokens of a
-decoding neighbour), never in seconds; the seconds are in ``benchmarks/stall.py``."""
+decoding neighbour), never in seconds; the seconds are in ``benchmarks/suites/stall.py``."""
 
 from __future__ import annotations
 

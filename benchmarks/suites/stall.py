@@ -24,8 +24,8 @@ import statistics
 import threading
 import time
 
-from benchmarks import output, texts
-from benchmarks.stamp import stamp
+from benchmarks.common import output, texts
+from benchmarks.common.stamp import stamp
 
 
 def _neighbour(client, prompt: str, max_tokens: int, stamps: list[float], stop: threading.Event) -> None:

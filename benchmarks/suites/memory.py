@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from . import output, plots, texts
-from .serving import Endpoint, ServerSpec, Watcher, delta
+from ..common import output, plots, texts
+from ..common.serving import Endpoint, ServerSpec, Watcher, delta
 
 NAME = "memory"
 FREE = "vllm_attnmatch_kv_free_blocks"
@@ -148,8 +148,8 @@ def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from . import answers
-    from .stamp import describe
+    from ..common import answers
+    from ..common.stamp import describe
 
     cfg = result["config"]
     body = [[r["mode"], r["concurrency"], output.fmt(r["peak_running"], ".0f"), output.fmt(r["peak_waiting"], ".0f"),

@@ -11,8 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import answers, cli, corpus, fidelity, memory, output, scoring, sets, speed, texts, update_readme
-from benchmarks.stamp import describe, stamp
+from benchmarks import cli, update_readme
+from benchmarks.common import answers, corpus, output, scoring, sets, texts
+from benchmarks.common.stamp import describe, stamp
+from benchmarks.suites import fidelity, memory, speed
 
 
 def _meta():
@@ -167,7 +169,7 @@ def test_every_study_named_on_the_command_line_exists():
     import importlib.util
 
     for module in cli.STUDIES.values():
-        assert importlib.util.find_spec(f"benchmarks.{module}") is not None, module
+        assert importlib.util.find_spec(f"benchmarks.suites.{module}") is not None, module
     for suite in cli.SUITES:
         module = cli.suite_module(suite)
         assert hasattr(module, "Config") and hasattr(module, "QUICK") and hasattr(module, "markdown")
@@ -235,7 +237,7 @@ def test_fidelity_answers_stand_on_the_test_set_when_the_run_has_one():
 
 
 def test_offline_merge_keeps_only_texts_measured_with_every_cell():
-    from benchmarks import offline
+    from benchmarks.suites import offline
 
     rows = [{"text": t, "source": "context", "method": m, "ratio": r}
             for t in ("GPL-3", "MPL-2.0") for m in ("h2o", "omp") for r in (0.1, 0.05)]

@@ -20,8 +20,8 @@ the same server:
 Per cell: ΔNLL of C (% of the full-context NLL), KL@k(full ‖ reduced) per token, teacher-forced top-1
 agreement, kept KV entries, compaction seconds (worker side, from ``/metrics``) or summary seconds.
 
-Texts: the corpus of ``benchmarks/corpus.py`` (``dev`` and ``test`` by default). The report gives TEST-set
-means with their spread over texts and the DEV numbers beside them (``benchmarks/sets.py``). Presets
+Texts: the corpus of ``benchmarks/common/corpus.py`` (``dev`` and ``test`` by default). The report gives TEST-set
+means with their spread over texts and the DEV numbers beside them (``benchmarks/common/sets.py``). Presets
 (``presets``): each bundled preset is served by its own server (started one after another) and scored
 with a request that only sets ``am_ratio`` — what a user of that preset gets — labelled ``preset:<name>``.
 """
@@ -32,8 +32,8 @@ import json
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from . import corpus, output, plots, scoring, sets, texts
-from .serving import PLUGIN, Endpoint, ServerSpec, delta
+from ..common import corpus, output, plots, scoring, sets, texts
+from ..common.serving import PLUGIN, Endpoint, ServerSpec, delta
 
 NAME = "fidelity"
 AM_METHODS = ("highest_attention", "omp")
@@ -253,8 +253,8 @@ def grid(result: dict, key: str, spec: str) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    from . import answers
-    from .stamp import describe
+    from ..common import answers
+    from ..common.stamp import describe
 
     cfg = result["config"]
     lines = [

@@ -6,9 +6,9 @@ the machine, versions and command, to ``benchmarks/results/kernels_<gpu>_<utc ti
 Without CUDA it says so and exits 0; ``--interpret`` then runs tiny shapes through Triton's CPU interpreter
 as a smoke check (its timings mean nothing and are not written unless ``--out`` is given).
 
-  python benchmarks/kernels.py                         # GPU, all kernels, T = 4096, 16384, 32768
-  python benchmarks/kernels.py --kernels paged_decode --seq-lens 32768 --batch 32
-  python benchmarks/kernels.py --interpret             # CPU smoke check
+  python benchmarks/suites/kernels.py                         # GPU, all kernels, T = 4096, 16384, 32768
+  python benchmarks/suites/kernels.py --kernels paged_decode --seq-lens 32768 --batch 32
+  python benchmarks/suites/kernels.py --interpret             # CPU smoke check
 
 ``paged_decode`` also times vLLM's own Triton decode kernel (``unified_attention``, no β) at the same KV
 length and batch when it can be imported (row ``vllm_decode``): the cost of the β-aware kernel against
@@ -28,19 +28,19 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the benchmarks package, not sibling modules
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 try:  # the suite form needs pydantic; the script form (e.g. scripts/gpu_check.sh on a bare GPU image) does not
     from pydantic import BaseModel, ConfigDict
 except ImportError:  # pragma: no cover - exercised on machines without pydantic
     BaseModel, ConfigDict = object, dict
 
-from benchmarks import output, plots
-from benchmarks.stamp import stamp
+from benchmarks.common import output, plots
+from benchmarks.common.stamp import stamp
 
 NAME = "kernels"
 KERNELS = ("key_scores", "paged_decode", "paged_prefill", "gather", "scatter")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = output.RESULTS
 
 
 def parse_args(argv=None):
@@ -68,7 +68,7 @@ def unavailable(interpret: bool) -> str | None:
     import torch
 
     if not torch.cuda.is_available() and not interpret:
-        return "benchmarks/kernels.py needs a CUDA GPU (none found); use --interpret for a tiny CPU smoke check."
+        return "benchmarks/suites/kernels.py needs a CUDA GPU (none found); use --interpret for a tiny CPU smoke check."
     return None
 
 
@@ -306,7 +306,7 @@ def run(cfg: Config, endpoint, run_id: str, progress) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from benchmarks.stamp import describe
+    from benchmarks.common.stamp import describe
 
     body = [[r["kernel"], r["T"], " ".join(f"{k}={r[k]}" for k in ("n", "batch", "splits", "chunk", "t") if k in r),
              output.fmt(r.get("triton_ms"), ".3f"), output.fmt(r.get("torch_ms"), ".3f"), output.fmt(r.get("speedup"), ".2f"),

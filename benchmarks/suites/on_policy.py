@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from vllm_attnmatch.algorithms import budget, compact_model_on_policy
 
-from . import output
+from ..common import output
 from .offline import REPEAT_PROMPT, Workload, run_one, stamp
 
 

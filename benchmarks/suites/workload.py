@@ -5,7 +5,7 @@ vLLM (prefix caching on, no plugin section) and the plugin (``--attnmatch defaul
 The same prompts go to both. Workloads (``WORKLOADS``):
 
 - ``documents`` (a): many documents, several questions each, asked round-robin, one request at a time. The
-  documents are TEST retrieval tasks (``benchmarks.tasks``, planted facts), so the answers can be scored;
+  documents are TEST retrieval tasks (``benchmarks.common.tasks``, planted facts), so the answers can be scored;
   together they hold more raw KV than the pool, so stock's prefix cache cannot keep them, while a
   compacted document is stored once and reused by its later questions;
 - ``concurrent`` (b): many long requests sent at once (real text, greedy continuations);
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
-from . import output, tasks, texts
-from .serving import PLUGIN, Endpoint, Servers, ServerSpec, Stream, Watcher, delta
-from .stamp import describe, stamp
+from ..common import output, tasks, texts
+from ..common.serving import PLUGIN, Endpoint, Servers, ServerSpec, Stream, Watcher, delta
+from ..common.stamp import describe, stamp
 
 WORKLOADS = ("documents", "concurrent", "long_generation")
 FREE, RUNNING, USAGE = "vllm_attnmatch_kv_free_blocks", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"
@@ -262,7 +262,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path) -> None:
-    from .plots import workload
+    from ..common.plots import workload
 
     workload(result, path)
 

@@ -19,9 +19,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from . import output, plots, texts
+from ..common import output, plots, texts
 from .fidelity import SPEC
-from .serving import Endpoint, ServerSpec, delta
+from ..common.serving import Endpoint, ServerSpec, delta
 
 NAME = "speed"
 MAX_MODEL_LEN = SPEC.max_model_len
@@ -131,8 +131,8 @@ def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from . import answers
-    from .stamp import describe
+    from ..common import answers
+    from ..common.stamp import describe
 
     cfg = result["config"]
     ms = lambda v: output.fmt(v * 1e3 if v is not None else None, ".1f")

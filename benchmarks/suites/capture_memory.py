@@ -19,8 +19,8 @@ import time
 
 import psutil
 
-from benchmarks import output, texts
-from benchmarks.stamp import stamp
+from benchmarks.common import output, texts
+from benchmarks.common.stamp import stamp
 
 
 def _tree_rss(pid: int) -> int:

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py keeps working: without a GPU it says so and exits 0; --interpret runs tiny shapes."""
+"""benchmarks/suites/kernels.py keeps working: without a GPU it says so and exits 0; --interpret runs tiny shapes."""
 
 import subprocess
 import sys
@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+BENCH = Path(__file__).resolve().parents[1] / "suites" / "kernels.py"
 
 
 def _run(*args):
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300,
-                          cwd=BENCH.parents[1])
+                          cwd=BENCH.parents[2])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the real benchmark would run")

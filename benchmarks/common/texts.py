@@ -1,6 +1,6 @@
 """Real text for the benchmarks, tokenised by the served model's tokenizer.
 
-A text is named by a corpus name (``benchmarks.corpus``: the DEV/TEST split of real texts of six kinds),
+A text is named by a corpus name (``benchmarks.common.corpus``: the DEV/TEST split of real texts of six kinds),
 a licence under /usr/share/common-licenses, or a path. ``dev`` / ``test`` / ``all`` in a list of texts
 expand to that corpus set (:func:`expand`). A document/continuation split of a text is what the fidelity
 numbers score.
@@ -34,7 +34,7 @@ def display_name(name: str) -> str:
 
 
 def read(name: str) -> str:
-    """The text (a corpus name is checked against its recorded digest, see ``benchmarks.corpus``)."""
+    """The text (a corpus name is checked against its recorded digest, see ``benchmarks.common.corpus``)."""
     if name in corpus.BY_NAME:
         return corpus.read(name)
     path = path_of(name)

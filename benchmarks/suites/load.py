@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import output, texts
-from .serving import PLUGIN
-from .stamp import stamp
+from ..common import output, texts
+from ..common.serving import PLUGIN
+from ..common.stamp import stamp
 
 
 def main(argv=None) -> int:

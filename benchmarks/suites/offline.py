@@ -15,7 +15,7 @@ Writes ``benchmarks/results/<prefix>.json``, ``.md`` and ``.png`` stamped with m
     python -m benchmarks offline --ratios 0.1 --methods highest_attention h2o --texts GPL-3
     python -m benchmarks offline --timing 1024 4096    # only compaction time vs the reference prefill
     python -m benchmarks offline --texts dev test --sources context --presets default quality paper
-        # the corpus (benchmarks/corpus.py): TEST means with spread, DEV beside them
+        # the corpus (benchmarks/common/corpus.py): TEST means with spread, DEV beside them
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
 from vllm_attnmatch.algorithms.targets import compute_targets
 
-from . import output, plots, sets, texts
-from .stamp import describe
-from .stamp import stamp as _stamp
+from ..common import output, plots, sets, texts
+from ..common.stamp import describe
+from ..common.stamp import stamp as _stamp
 
 REPEAT_PROMPT = "\n<|im_start|>user\nRepeat the previous context verbatim.<|im_end|>\n<|im_start|>assistant\n"
 QUERY_FREE = ("streaming", "truncate", "random")  # same result whatever the query source
@@ -203,7 +203,7 @@ def timing(model, tok, text: str, T: int, ratio: float, methods, options: dict |
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks offline", description=__doc__.split("\n")[0])
     ap.add_argument("--texts", nargs="+", default=["GPL-3", "Apache-2.0"],
-                    help="corpus names (benchmarks/corpus.py), dev | test | all, licence names or paths")
+                    help="corpus names (benchmarks/common/corpus.py), dev | test | all, licence names or paths")
     ap.add_argument("--doc-tokens", type=int, default=1024)
     ap.add_argument("--cont-tokens", type=int, default=256)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05, 0.02])

@@ -7,8 +7,8 @@ self_study at ratios 0.2, 0.1, 0.05, plus context queries with the bundled non-u
 (``head_budgets``, a second server). Reported per cell: KL@20, ΔNLL %, top-1 agreement, the compaction's
 seconds and the part of it spent producing the queries (``reference_query_seconds``).
 
-    python -m benchmarks.query_sources                       # both texts, 3 ratios (~10 min on 2 cores)
-    python -m benchmarks.query_sources --texts GPL-3 --ratios 0.1
+    python -m benchmarks.suites.query_sources                       # both texts, 3 ratios (~10 min on 2 cores)
+    python -m benchmarks.suites.query_sources --texts GPL-3 --ratios 0.1
     python -m benchmarks query-sources --offline --texts dev --ratios 0.1 0.05   # the levers (issue 12.3)
 
 Offline variants (``--variants``): sources joined by ``+`` are mixed; ``context@N`` keeps N of the
@@ -28,10 +28,10 @@ import json
 import torch
 from tqdm import tqdm
 
-from benchmarks import output, texts
-from benchmarks.scoring import score
-from benchmarks.serving import Endpoint, delta
-from benchmarks.stamp import describe, stamp
+from benchmarks.common import output, texts
+from benchmarks.common.scoring import score
+from benchmarks.common.serving import Endpoint, delta
+from benchmarks.common.stamp import describe, stamp
 
 SOURCES = ("context", "repeat", "self_study")
 HEAD_BUDGETS = "smollm2-135m"
@@ -113,7 +113,7 @@ def _offline_text(model, decoder, tok, name, args, bar) -> list[dict]:
     from vllm_attnmatch.algorithms.reference_llama import LayerKV
 
     from .offline import Workload, run_one
-    from .sets import set_name
+    from ..common.sets import set_name
 
     w = Workload(model, tok, name, args.doc_tokens, args.cont_tokens, ("context",))
     T, H = len(w.doc), model.num_kv_heads
@@ -181,7 +181,7 @@ def _offline_text(model, decoder, tok, name, args, bar) -> list[dict]:
 
 
 def _offline_markdown(rows, meta, args) -> str:
-    from .output import fmt
+    from ..common.output import fmt
 
     lines = [f"# Query-source levers, offline ({meta['utc']})", "", f"Command: `{meta['command']}`  ",
              f"{meta.get('machine', '')} · {args.threads} torch thread(s) · method {args.method} {json.dumps(getattr(args, 'options', {}))} · document "

@@ -1,6 +1,6 @@
 """Task accuracy after compaction, offline: does a compacted document still answer questions about it?
 
-How (no vLLM; the independent torch forward ``ReferenceLlama``): each task's document (``benchmarks.tasks``)
+How (no vLLM; the independent torch forward ``ReferenceLlama``): each task's document (``benchmarks.common.tasks``)
 is prefilled **without** any question, every layer's cache is compacted by a *cell* (a method, its query
 source and options), then each question is appended after the compacted cache at its logical position
 and answered greedily (several questions of one document as one batch over the shared compacted cache:
@@ -36,9 +36,9 @@ from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, PrefixBatch, ReferenceLlama
 from vllm_attnmatch.worker.query_sources import Prompt, repeat_queries, self_study_batched
 
-from . import output, sets, tasks, texts
+from ..common import output, sets, tasks, texts
 from .offline import REPEAT_PROMPT
-from .stamp import describe, stamp
+from ..common.stamp import describe, stamp
 
 #: Self-study prompts of the probe (chat turns after the document): what a reader would note down.
 STUDY_PROMPTS = (

@@ -2,7 +2,7 @@
 
 Why: continuation KL hides what users lose. A compacted document is only useful if the questions asked
 later still find their facts (issue 18). Every task is generated here, locally and seeded, on the corpus
-texts (``benchmarks.corpus``) as haystacks; nothing is downloaded.
+texts (``benchmarks.common.corpus``) as haystacks; nothing is downloaded.
 
 Never tune on what you report: the split is by haystack *and* by task wording. A DEV task uses a DEV
 text as its haystack, DEV names and the DEV template of its format; a TEST task a TEST text, TEST names

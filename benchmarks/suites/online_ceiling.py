@@ -12,8 +12,8 @@ over the tokens generated after the first compaction:
   logprobs say what the compacted model predicts at every position;
 - the online compactions, peak KV entries (from the server log) and wall time.
 
-    python -m benchmarks.online_ceiling                     # ceiling 512, 700 tokens (~6 min on 2 cores)
-    python -m benchmarks.online_ceiling --ceiling 1024 --tokens 1500
+    python -m benchmarks.suites.online_ceiling                     # ceiling 512, 700 tokens (~6 min on 2 cores)
+    python -m benchmarks.suites.online_ceiling --ceiling 1024 --tokens 1500
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import time
 
 from tqdm import tqdm
 
-from benchmarks import output, texts
-from benchmarks.scoring import score
-from benchmarks.serving import Endpoint
-from benchmarks.stamp import describe, stamp
+from benchmarks.common import output, texts
+from benchmarks.common.scoring import score
+from benchmarks.common.serving import Endpoint
+from benchmarks.common.stamp import describe, stamp
 
 VARIANTS = {
     "unlimited": None,

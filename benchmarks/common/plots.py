@@ -59,7 +59,7 @@ def _save(fig, path: Path, rect=None) -> None:
 
 def fidelity(result: dict, path: Path) -> None:
     """Mean over the texts of each corpus set (TEST first): ΔNLL, KL and top-1 agreement against the ratio."""
-    from .fidelity import _methods, mean_cell
+    from ..suites.fidelity import _methods, mean_cell
     from .sets import SET_ORDER, set_name
 
     plt = _pyplot()

