@@ -195,3 +195,37 @@ def test_the_vllm_entry_point_resolves_to_register():
 
     (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "attnmatch"]
     assert entry.load() is register
+
+
+# -- the repository's other top-level packages --------------------------------------------------------------
+
+REPO = ROOT.parent
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """First components of the absolute imports in one file, at any depth of its syntax tree."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.partition(".")[0])
+    return found
+
+
+def _importers(folder: str, target: str) -> list[str]:
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / folder).rglob("*.py") if target in _top_level_imports(p))
+
+
+def test_tests_import_no_benchmark_code():
+    """The server launcher both need is ``harness``; the tests of benchmark code live in ``benchmarks/tests``."""
+    assert _importers("tests", "benchmarks") == []
+
+
+@pytest.mark.parametrize("other", ["benchmarks", "harness", "tests"])
+def test_the_plugin_imports_no_test_or_benchmark_code(other):
+    assert _importers(PACKAGE, other) == []
+
+
+def test_the_harness_imports_neither_tests_nor_benchmarks():
+    assert _importers("harness", "benchmarks") == _importers("harness", "tests") == []
