@@ -61,16 +61,28 @@ CORPUS_RESULTS = ("offline_corpus_1024", "offline_corpus_512")
 PRESET_METHODS = {"default": "preset:default", "quality": "preset:quality", "fast": "preset:fast", "paper": "preset:paper"}
 
 
-def headline_block(results: list[dict | None]) -> list[str]:
+def headline_block(results: list[dict | None], directory: Path = output.RESULTS) -> list[str]:
     """The README's one result: each preset's continuation KL on the TEST texts (mean [min–max], and the
-    change against the best published-strength baseline), DEV beside it, from each offline corpus study."""
+    change against the best published-strength baseline), DEV beside it, from each offline corpus study;
+    the first study's plot (its ``<stem>.png`` in ``directory``) right after its table."""
     results = [r for r in results if r]
     if not results:
         return ["*Not measured yet* — run `python -m benchmarks offline --texts test dev ...` (see docs/benchmarks.md)."]
     out: list[str] = []
-    for result in results:
+    for i, result in enumerate(results):
         out += _corpus_table(result) + [""]
+        if i == 0:
+            out += _plot_line(result, directory)
     return out[:-1]
+
+
+def _plot_line(result: dict, directory: Path) -> list[str]:
+    """The headline figure's image link, or nothing when the study has no plot."""
+    stem = result.get("stem", "")
+    if not stem or not (directory / f"{stem}.png").exists():
+        return []
+    size = "/".join(str(t) for t in sorted({row["T"] for row in result["rows"]}))
+    return [f"![continuation KL vs kept ratio, {size}-token documents, TEST and DEV texts]({LINK}/{stem}.png)", ""]
 
 
 def _corpus_table(result: dict) -> list[str]:
@@ -160,7 +172,8 @@ def sections(directory: Path = output.RESULTS, readme: str = "") -> dict[str, st
     of ``readme`` that has a ``<name>_latest.md`` in ``directory`` from that file."""
     fidelity_result = output.read("fidelity_latest", directory)
     out = {
-        "headline": "\n".join(headline_block([_with_stem(output.read(n, directory), n) for n in CORPUS_RESULTS])),
+        "headline": "\n".join(headline_block([_with_stem(output.read(n, directory), n) for n in CORPUS_RESULTS],
+                                                   directory)),
         "fidelity": "\n".join(fidelity_block(fidelity_result)),
         "speed": "\n".join(speed_block(output.read("speed_latest", directory))),
         "memory": "\n".join(memory_block(output.read("memory_latest", directory))),

@@ -159,6 +159,21 @@ def test_results_are_written_and_the_readme_is_regenerated(tmp_path):
         update_readme.replace(readme, {"speed": "x"})
 
 
+def test_the_headline_shows_its_first_study_s_plot_after_its_table(tmp_path):
+    """The README's one figure is regenerated with it (it was once dropped by a rewrite of the block)."""
+    stem = update_readme.CORPUS_RESULTS[0]
+    result = update_readme._with_stem(output.read(stem), stem)
+    assert not any(line.startswith("![") for line in update_readme.headline_block([result], tmp_path))  # no plot file
+    (tmp_path / f"{stem}.png").write_bytes(b"")
+    lines = update_readme.headline_block([result, result], tmp_path)
+    images = [i for i, line in enumerate(lines) if line.startswith("![")]
+    tables = [i for i, line in enumerate(lines) if line.startswith("| preset |")]
+    assert len(images) == 1 and tables[0] < images[0] < tables[1]
+    assert lines[images[0]].endswith(f"]({update_readme.LINK}/{stem}.png)")
+    readme = (update_readme.ROOT / "README.md").read_text()
+    assert f"]({update_readme.LINK}/{stem}.png)" in readme and (output.RESULTS / f"{stem}.png").exists()
+
+
 def test_the_real_pages_have_every_generated_section():
     text = "\n".join(page.read_text() for page in update_readme.PAGES)
     for name in ("headline", "fidelity", "speed", "memory", "prefix_reuse", "online_ceiling", "query_sources"):
