@@ -21,4 +21,4 @@ bench-quick:  # every suite at tiny sizes (a few minutes per server start); writ
 	bash scripts/setup.sh && .venv/bin/python -m benchmarks run --suite all --quick
 
 lint:
-	.venv/bin/python -m ruff check vllm_attnmatch tests benchmarks || true
+	.venv/bin/python -m ruff check vllm_attnmatch tests benchmarks harness || true
