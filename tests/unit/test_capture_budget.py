@@ -105,3 +105,17 @@ def test_the_default_budget_holds_four_largest_captures_and_the_key_overrides_it
     assert online_rows(1024, 2048) == 4096  # an online ring's worst case: ring peak plus the job's copy
     with pytest.raises(ConfigError, match="capture_budget_mib"):
         parse_server_config({"capture_budget_mib": 0})
+
+
+def test_an_online_ring_reserves_no_more_rows_than_its_request_can_have(budget_scheduler, make_request):
+    """Eight short online generations (40 prompt + 200 output tokens) all watch their ceilings inside a
+    budget of eight of their rings; reserved at the server-wide worst case (3 rings of 1024 rows, and its
+    copy), not even one would fit and all eight would grow uncompacted."""
+    assert online_rows(1024, 2048, 240) == 480 and online_rows(1024, 2048) == 4096
+    scheduler = budget_scheduler(8 * 480 * ROW_BYTES / MIB)
+    online = [make_request(f"o{i}", list(range(50000 + 100 * i, 50000 + 100 * i + 40)), am_max_kv_tokens=64,
+                           max_tokens=200) for i in range(8)]
+    peak = _run(scheduler, StandInWorker(), online, steps=400)
+    assert peak == 8 * 480 * ROW_BYTES
+    assert scheduler.am_stats.values.get("capture_refused", 0) == 0
+    assert not any("capture budget" in (r.reason or "") for r in _reports(scheduler, online).values())

@@ -13,7 +13,9 @@ Worst cases (rows):
 - a prompt compaction: ``min(span_end, max_query_tokens)`` (the stride keeps at most that many);
 - an online ring: the ring peaks at three times ``online_query_tokens`` (trimmed to one ring once it holds
   two, after a step may have added up to a ring), and a re-compaction concatenates a copy beside it:
-  ``2 × min(3 × online_query_tokens, max_model_len)``.
+  ``2 × min(3 × online_query_tokens, max_model_len, prompt + max_tokens)`` — a ring never holds more rows
+  than its request has tokens, so short generations (the common case) reserve what they can use, and a
+  pool of them is not refused after the first few.
 
 No vLLM import.
 """
@@ -47,8 +49,9 @@ def prefill_rows(span_end: int, max_query_tokens: int) -> int:
     return min(span_end, max_query_tokens)
 
 
-def online_rows(ring_tokens: int, max_model_len: int) -> int:
-    return 2 * min(3 * ring_tokens, max_model_len)
+def online_rows(ring_tokens: int, max_model_len: int, request_tokens: int | None = None) -> int:
+    """Worst-case rows of an online request's ring plus a re-compaction's copy of it."""
+    return 2 * min(3 * ring_tokens, max_model_len, max_model_len if request_tokens is None else request_tokens)
 
 
 def default_budget_bytes(shape: CaptureShape, max_query_tokens: int, max_model_len: int) -> int:

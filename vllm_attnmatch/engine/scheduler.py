@@ -263,7 +263,9 @@ class AttnMatchScheduler(Scheduler):
         if state.prefilling:
             kind, rows = PREFILL, prefill_rows(state.layout.span_end, self.attnmatch.max_query_tokens)
         else:
-            kind, rows = ONLINE, online_rows(self.attnmatch.online_query_tokens, self._am_max_model_len)
+            request = self.requests[req_id]
+            kind, rows = ONLINE, online_rows(self.attnmatch.online_query_tokens, self._am_max_model_len,
+                                             request.num_prompt_tokens + request.max_tokens)
         if self._am_capture.reserve(req_id, kind, rows):
             return True
         reason = self._am_capture.exhausted_reason(rows)
