@@ -247,7 +247,7 @@ def markdown(result: dict) -> str:
                "peak running", "preemptions", "prefix-hit tokens", "compactions (online)", "compacted hits", "errors",
                "same answer", "agreement", "accuracy"]
     for workload in dict.fromkeys(r["workload"] for r in result["rows"]):
-        lines += [f"## {workload}: {what[workload]}", ""]
+        lines += [f"### {workload}: {what[workload]}", ""]
         body = []
         for r in (r for r in result["rows"] if r["workload"] == workload):
             body.append([r["mode"], output.fmt(r["wall_s"], ".1f"), output.fmt(r["speedup_vs_stock"], ".2f"),
