@@ -221,6 +221,20 @@ class Watcher:
         return self
 
 
+#: The gauges a pool's peak occupancy is read from: the plugin's free blocks and vLLM's usage fraction.
+FREE_BLOCKS, KV_USAGE = "vllm_attnmatch_kv_free_blocks", "vllm:kv_cache_usage_perc"
+
+
+def peak_blocks_held(watcher: Watcher, total: float | None) -> float | None:
+    """Most KV blocks held at once while ``watcher`` ran (it must watch both gauges): the two gauges are
+    sampled at different moments (and stock vLLM has no free-block gauge), so the larger of what either saw."""
+    start = watcher.start.get(FREE_BLOCKS)
+    by_free = start - watcher.low[FREE_BLOCKS] if start is not None else None
+    usage = watcher.high.get(KV_USAGE)
+    by_usage = round(usage * total) if usage is not None and total else None
+    return max((v for v in (by_free, by_usage) if v is not None), default=None)
+
+
 class Servers:
     """Hands out endpoints for server specs: the ``--url`` server for every spec, or a server started here.
 

@@ -19,11 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..common import output, plots, texts
-from ..common.serving import Endpoint, ServerSpec, Watcher, delta
+from ..common.serving import FREE_BLOCKS, KV_USAGE, Endpoint, ServerSpec, Watcher, delta, peak_blocks_held
 
 NAME = "memory"
-FREE = "vllm_attnmatch_kv_free_blocks"
-RUNNING, WAITING, USAGE = "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
+RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 
 
 def _default_block_size() -> int:
@@ -95,7 +94,7 @@ def _level(endpoint: Endpoint, prompts: list[list[int]], cfg: Config, xargs: dic
            total: float | None) -> dict:
     _wait_idle(endpoint)
     before = endpoint.metrics()
-    watcher = Watcher(endpoint, (FREE, RUNNING, WAITING, USAGE))
+    watcher = Watcher(endpoint, (FREE_BLOCKS, RUNNING, WAITING, KV_USAGE))
     errors: list[str] = []
 
     def one(i: int):
@@ -111,16 +110,12 @@ def _level(endpoint: Endpoint, prompts: list[list[int]], cfg: Config, xargs: dic
     wall = time.perf_counter() - started
     watcher.stop()
     after = endpoint.metrics()
-    start_free, low_free = watcher.start[FREE], watcher.low[FREE]
-    by_gauge = (start_free - low_free) if start_free is not None else None
-    # the two gauges are sampled at different moments: the peak is the larger of what either saw
-    by_usage = round(watcher.high[USAGE] * total) if watcher.high[USAGE] is not None and total else None
     return {
         "preemptions": delta(before, after, "vllm:num_preemptions_total"),
         "peak_running": int(watcher.high[RUNNING] or 0),
         "peak_waiting": int(watcher.high[WAITING] or 0),
-        "peak_blocks_held": max((v for v in (by_gauge, by_usage) if v is not None), default=None),
-        "peak_kv_usage": watcher.high[USAGE],
+        "peak_blocks_held": peak_blocks_held(watcher, total),
+        "peak_kv_usage": watcher.high[KV_USAGE],
         "compactions": delta(before, after, "vllm_attnmatch_compactions_total"),
         "blocks_freed": delta(before, after, "vllm_attnmatch_blocks_freed_total"),
         "output_tokens": tokens,

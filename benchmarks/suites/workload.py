@@ -36,11 +36,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
 from ..common import output, tasks, texts
-from ..common.serving import PLUGIN, Endpoint, Servers, ServerSpec, Stream, Watcher, delta
+from ..common.serving import (FREE_BLOCKS, KV_USAGE, PLUGIN, Endpoint, Servers, ServerSpec, Stream, Watcher, delta,
+                              peak_blocks_held)
 from ..common.stamp import describe, stamp
 
 WORKLOADS = ("documents", "concurrent", "long_generation")
-FREE, RUNNING, USAGE = "vllm_attnmatch_kv_free_blocks", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"
+RUNNING = "vllm:num_requests_running"
 
 
 class Config(BaseModel):
@@ -131,7 +132,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 def run_mode(endpoint: Endpoint, jobs: list[Job], at_once: int, xargs: dict | None, salt: str, total: float) -> dict:
     """Send ``jobs`` (``at_once`` at a time, in order) and measure what the server did meanwhile."""
     before = endpoint.metrics()
-    watcher = Watcher(endpoint, (FREE, RUNNING, USAGE), period_s=0.1)
+    watcher = Watcher(endpoint, (FREE_BLOCKS, RUNNING, KV_USAGE), period_s=0.1)
     errors: list[str] = []
 
     def one(job: Job) -> Stream | None:
@@ -151,8 +152,6 @@ def run_mode(endpoint: Endpoint, jobs: list[Job], at_once: int, xargs: dict | No
     gaps = [b - a for s in done for a, b in zip(s.token_times, s.token_times[1:])]
     ttfts = [s.ttft_s for s in done]
     tokens = sum(s.tokens for s in done)
-    by_free = watcher.start[FREE] - watcher.low[FREE] if watcher.start[FREE] is not None else None
-    by_usage = round(watcher.high[USAGE] * total) if watcher.high[USAGE] is not None else None
     return {
         "wall_s": wall,
         "output_tokens": tokens,
@@ -160,7 +159,7 @@ def run_mode(endpoint: Endpoint, jobs: list[Job], at_once: int, xargs: dict | No
         "ttft_p50_s": _percentile(ttfts, 50), "ttft_p99_s": _percentile(ttfts, 99),
         "itl_p50_ms": 1e3 * _percentile(gaps, 50) if gaps else None,
         "itl_p99_ms": 1e3 * _percentile(gaps, 99) if gaps else None,
-        "peak_blocks": max((v for v in (by_free, by_usage) if v is not None), default=None),
+        "peak_blocks": peak_blocks_held(watcher, total),
         "peak_running": int(watcher.high[RUNNING] or 0),
         "preemptions": delta(before, after, "vllm:num_preemptions_total"),
         "prefix_hit_tokens": delta(before, after, "vllm:prefix_cache_hits_total"),

@@ -51,7 +51,8 @@ def prefill_rows(span_end: int, max_query_tokens: int) -> int:
 
 def online_rows(ring_tokens: int, max_model_len: int, request_tokens: int | None = None) -> int:
     """Worst-case rows of an online request's ring plus a re-compaction's copy of it."""
-    return 2 * min(3 * ring_tokens, max_model_len, max_model_len if request_tokens is None else request_tokens)
+    most = min(3 * ring_tokens, max_model_len)
+    return 2 * (most if request_tokens is None else min(most, request_tokens))
 
 
 def default_budget_bytes(shape: CaptureShape, max_query_tokens: int, max_model_len: int) -> int:
