@@ -79,6 +79,31 @@ def test_ridge_path_matches_closed_form_and_limits(device):
     assert torch.equal(sols[2], prior)
 
 
+@pytest.mark.parametrize("factorisation", ["cholesky", "eigen fallback"])
+def test_ridge_path_with_fewer_rows_than_keys_solves_the_same_primal_problem(factorisation, monkeypatch):
+    """n < t takes the rows' n×n system; its solutions are the primal ridge solutions, checked against
+    a direct float64 solve of ``(XᵀX + λI) C = XᵀY + λ·prior`` (masked zero rows included)."""
+    g = torch.Generator().manual_seed(6)
+    H, n, t, d = 2, 7, 20, 3
+    X = torch.softmax(torch.randn(H, n, t, generator=g) * 2, -1)
+    X[:, -2:] = 0.0  # rows the fit masks out
+    Y, prior = torch.randn(H, n, d, generator=g), torch.randn(H, t, d, generator=g)
+    Y[:, -2:] = 0.0
+    alphas = (1e-4, 1e-2, 1.0, float("inf"))
+    if factorisation == "eigen fallback":
+        real = torch.linalg.cholesky_ex
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: (real(A)[0], torch.ones_like(real(A)[1])))
+    sols = ridge_path(X, Y, prior, alphas)
+    Xd, Yd, Pd = X.double(), Y.double(), prior.double()
+    for alpha, sol in zip(alphas[:-1], sols):
+        for h in range(H):
+            G = Xd[h].T @ Xd[h]
+            lam = alpha * torch.trace(G) / t
+            ref = torch.linalg.solve(G + lam * torch.eye(t, dtype=G.dtype), Xd[h].T @ Yd[h] + lam * Pd[h])
+            assert torch.allclose(sol[h].double(), ref, atol=1e-4, rtol=1e-4), (alpha, h)
+    assert torch.equal(sols[-1], prior)
+
+
 def test_ridge_path_falls_back_to_the_eigendecomposition_when_a_factorisation_fails(monkeypatch):
     """The Cholesky path and its eigen fallback give the same solutions; a failed factorisation (forced
     here) takes the fallback instead of returning garbage."""
@@ -160,14 +185,18 @@ def test_query_gap_hides_the_nearest_keys():
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("tile", [1, 7, 64, 10_000])
-def test_streamed_targets_match_the_full_block_softmax(device, causal, tile):
-    # The query-tiled pass (issue 13.4) must give the same rowmax, log-mass, outputs and key scores as
-    # the (H, n, T) targets it replaces, whatever the tile, the query order and the bias.
+@pytest.mark.parametrize("query_order", ["shuffled", "by position"])
+def test_streamed_targets_match_the_full_block_softmax(device, causal, tile, query_order):
+    # The query-tiled pass (issue 13.4) must give the same rowmax, log-mass, outputs, key scores and
+    # (kept for OMP) block softmax as the (H, n, T) targets it replaces, whatever the tile, the query
+    # order and the bias. Queries in position order (as subsampled) write the softmax through views.
     g = torch.Generator().manual_seed(12)
     H, T, n, d = 2, 50, 90, 8
     K, V, Q = (torch.randn(H, m, d, generator=g).to(device) for m in (T, T, n))
     bias = torch.randn(H, T, generator=g).to(device)
     qpos = torch.randperm(n, generator=g) % T  # unsorted, repeated, CPU (as the engine passes them)
+    if query_order == "by position":
+        qpos = qpos.sort().values
     kpos = torch.arange(T)
     gap = 3
     vis = visibility(qpos.to(device), kpos.to(device), gap) if causal else None
@@ -175,8 +204,9 @@ def test_streamed_targets_match_the_full_block_softmax(device, causal, tile):
     weights = (torch.rand(n, generator=g) > 0.3).float().to(device)
     rows = torch.tensor([0, 5, 17, 40, 89])
     st = stream_targets(K, V, Q, 0.3, bias, qpos if causal else None, kpos if causal else None, gap,
-                        ("sum", "mean", "rms", "max"), weights, rows, tile)
+                        ("sum", "mean", "rms", "max"), weights, rows, tile, keep_probs=True)
     assert torch.equal(st.valid, full.valid)
+    torch.testing.assert_close(st.probs, full.probs, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(st.rowmax, full.rowmax)
     torch.testing.assert_close(st.log_mass, full.log_mass)
     torch.testing.assert_close(st.output, full.output[:, rows.to(device)], atol=1e-5, rtol=1e-5)

@@ -18,8 +18,7 @@ import torch
 
 from .fit import FitConfig, FitResult, FitTargets, fit_block, heldout_split
 from .scoring import reduce_scores
-from .targets import (DEFAULT_QUERY_TILE, StreamedTargets, Targets, compute_targets, logits, stream_targets,
-                      visibility)
+from .targets import DEFAULT_QUERY_TILE, StreamedTargets, logits, stream_targets, visibility
 
 REGISTRY: dict[str, type] = {}
 
@@ -39,7 +38,8 @@ class CompactionInputs:
     that device, and lazily computed targets.
 
     Two views of the reference attention, both computed at most once:
-    - :attr:`targets`: the full ``(H, n, T)`` block softmax, for methods that need every entry (OMP);
+    - :attr:`targets`: the same streamed pass keeping the full ``(H, n, T)`` block softmax, for methods
+      that need every entry (OMP);
     - :meth:`scores`: per-key reductions over queries, streamed over query tiles together with what the fit
       needs (:attr:`fit_stats`), so the default path never holds an ``(H, n, T)`` tensor.
     """
@@ -58,7 +58,7 @@ class CompactionInputs:
     query_tile: int = DEFAULT_QUERY_TILE
     fit_rows: torch.Tensor | None = None  # (m,) rows whose outputs the fit needs (None = all)
     key_scores: torch.Tensor | None = None  # (H,T) importance computed elsewhere (e.g. KVzip), replaces the reductions
-    _targets: Targets | None = None
+    _targets: StreamedTargets | None = None
     _streamed: StreamedTargets | None = None
     _visible: torch.Tensor | None = None
 
@@ -82,9 +82,10 @@ class CompactionInputs:
         return self._visible
 
     @property
-    def targets(self) -> Targets:
+    def targets(self) -> StreamedTargets:
+        """The streamed statistics with the whole block softmax ``probs (H, n, T)`` kept (built once)."""
         if self._targets is None:
-            self._targets = compute_targets(self.keys, self.values, self.queries, self.scale, self.bias, self.visible)
+            self._targets = self._stream((), None, keep_probs=True)
         return self._targets
 
     def scores(self, reductions, weights: torch.Tensor | None = None) -> dict:
@@ -103,20 +104,15 @@ class CompactionInputs:
     @property
     def fit_stats(self) -> StreamedTargets:
         """rowmax / log-mass / validity of every query and outputs of :attr:`fit_rows` (streamed once)."""
-        if self._streamed is None and self._targets is not None:
-            tg = self._targets
-            rows = (self.fit_rows if self.fit_rows is not None
-                    else torch.arange(self.queries.shape[1], device=self.keys.device))
-            self._streamed = StreamedTargets(tg.rowmax, tg.log_mass, tg.valid, tg.output[:, rows], rows, {})
         if self._streamed is None:
             self._stream((), None)
         return self._streamed
 
-    def _stream(self, reductions, weights) -> StreamedTargets:
+    def _stream(self, reductions, weights, keep_probs: bool = False) -> StreamedTargets:
         causal = self.is_causal
         st = stream_targets(self.keys, self.values, self.queries, self.scale, self.bias,
                             self.query_positions if causal else None, self.key_positions if causal else None,
-                            self.gap, reductions, weights, self.fit_rows, self.query_tile)
+                            self.gap, reductions, weights, self.fit_rows, self.query_tile, keep_probs)
         if self._streamed is None or not self._streamed.scores:
             self._streamed = st
         return st

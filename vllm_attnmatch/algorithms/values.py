@@ -22,37 +22,45 @@ def ridge_path(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, alphas=DEF
 
     One Gram matrix for every α, and one batched Cholesky factorisation of all the ``G + λI`` together
     (float64): at t ≈ 400 that is ~3× cheaper on CPU than one eigendecomposition of G, which stays as
-    the fallback should a factorisation fail.
+    the fallback should a factorisation fail. With at most half as many rows as keys (a short fit, or few
+    reference queries) the same solutions come from the ``n×n`` system of the rows instead,
+    ``C = prior + Xᵀ(XXᵀ + λI)⁻¹(Y − X·prior)``: at n = 192, t = 409 that factorises 5× faster.
     """
-    G = torch.bmm(X.transpose(1, 2), X).double()
-    R = torch.bmm(X.transpose(1, 2), Y).double()
-    H, t, d = prior.shape
-    scale = (torch.diagonal(G, dim1=1, dim2=2).sum(-1) / t).clamp_min(1e-30)  # mean eigenvalue
+    H, n, t = X.shape
+    dual = n <= t // 2  # below that, the rows' system no longer pays for its extra products
+    G = (torch.bmm(X, X.transpose(1, 2)) if dual else torch.bmm(X.transpose(1, 2), X)).double()
+    R = (Y - torch.bmm(X, prior) if dual else torch.bmm(X.transpose(1, 2), Y)).double()
+    d = prior.shape[-1]
+    scale = (torch.diagonal(G, dim1=1, dim2=2).sum(-1) / t).clamp_min(1e-30)  # mean eigenvalue of XᵀX
     finite = [a for a in alphas if a != float("inf")]
     solved: list[torch.Tensor] = []
     if finite:
+        m = len(finite)
         lam = (torch.tensor(finite, dtype=G.dtype, device=G.device)[:, None] * scale[None, :]).reshape(-1, 1, 1)
-        P = prior.double().repeat(len(finite), 1, 1)
-        system = G.repeat(len(finite), 1, 1)
+        rhs = R.repeat(m, 1, 1)
+        if not dual:
+            rhs = rhs + lam * prior.double().repeat(m, 1, 1)
+        system = G.repeat(m, 1, 1)
         system.diagonal(dim1=1, dim2=2).add_(lam.reshape(-1, 1))
         L, info = torch.linalg.cholesky_ex(system)
-        if bool((info == 0).all()):
-            sol = torch.cholesky_solve(R.repeat(len(finite), 1, 1) + lam * P, L)
-        else:
-            sol = _eig_solve(G, R, P, lam, len(finite))
-        solved = list(sol.float().reshape(len(finite), H, t, d).unbind(0))
+        sol = torch.cholesky_solve(rhs, L) if bool((info == 0).all()) else _eig_solve(G, rhs, lam, m)
+        if dual:
+            # Xᵀ·(per-α solutions) as one product per head: (H,t,n) × (H,n,m·d), X never repeated
+            per_head = sol.reshape(m, H, n, d).permute(1, 2, 0, 3).reshape(H, n, m * d)
+            step = torch.bmm(X.transpose(1, 2).double(), per_head).reshape(H, t, m, d).permute(2, 0, 1, 3)
+            sol = prior.double().unsqueeze(0) + step
+        solved = list(sol.float().reshape(m, H, t, d).unbind(0))
     out, it = [], iter(solved)
     for a in alphas:
         out.append(prior.float().clone() if a == float("inf") else next(it))
     return out
 
 
-def _eig_solve(G, R, P, lam, m):
-    """``(G + λI)⁻¹(R + λP)`` for ``m`` stacked λ through one eigendecomposition of ``G`` (the robust path)."""
+def _eig_solve(G, rhs, lam, m):
+    """``(G + λI)⁻¹ rhs`` for ``m`` stacked λ through one eigendecomposition of ``G`` (the robust path)."""
     evals, evecs = torch.linalg.eigh(G)
     evals, evecs = evals.clamp_min(0.0).repeat(m, 1), evecs.repeat(m, 1, 1)
-    rhs = torch.bmm(evecs.transpose(1, 2), R.repeat(m, 1, 1) + lam * P) / (evals[:, :, None] + lam)
-    return torch.bmm(evecs, rhs)
+    return torch.bmm(evecs, torch.bmm(evecs.transpose(1, 2), rhs) / (evals[:, :, None] + lam))
 
 
 def relative_output_error(pred: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
