@@ -221,6 +221,18 @@ def _subsample(queries, query_positions, max_queries, generator):
     return queries[:, keep.to(queries.device)], qp
 
 
+def _in_position_order(queries, query_positions):
+    """Reference queries sorted by position (stable). Every result is a sum over queries, so the order
+    changes nothing but rounding; in order, each query tile of the streamed pass is a slice of rows (GQA
+    pooling lays the query heads out one after the other, so positions arrive as G ascending runs)."""
+    if query_positions is None or query_positions.numel() < 2:
+        return queries, query_positions
+    if bool((query_positions[1:] >= query_positions[:-1]).all()):
+        return queries, query_positions
+    order = torch.argsort(query_positions, stable=True)
+    return queries[:, order.to(queries.device)], query_positions[order]
+
+
 class _Clock:
     """Per-component wall time; on CUDA it synchronises at each mark so the time lands where it is spent."""
 
@@ -293,7 +305,7 @@ def compact(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, tar
     # A method may declare its own defaults (eviction baselines: all queries, no gap); explicit options win.
     max_queries = g_opts.get("max_queries", getattr(meth, "max_queries", DEFAULT_MAX_QUERIES))
     gap = int(g_opts.get("query_gap", getattr(meth, "query_gap", DEFAULT_QUERY_GAP)))
-    q, qpos = _subsample(queries.to(device), qpos, max_queries, gen)
+    q, qpos = _in_position_order(*_subsample(queries.to(device), qpos, max_queries, gen))
     n = q.shape[1]
     evaluate = g_opts.get("evaluate", meth.fits)
     cfg = FitConfig(**f_opts)
