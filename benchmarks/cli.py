@@ -33,7 +33,7 @@ FIELDS = {
     "fidelity": {"texts": "texts", "ratios": "ratios", "methods": "methods", "doc_tokens": "doc_tokens",
                  "cont_tokens": "cont_tokens", "top": "top", "summary_factor": "summary_factor", "presets": "presets"},
     "speed": {"lengths": "lengths", "methods": "speed_methods", "ratio": "speed_ratio", "decode_tokens": "decode_tokens",
-              "repeats": "repeats", "queries": "speed_queries"},
+              "repeats": "repeats", "queries": "speed_queries", "preset": "speed_preset"},
     "memory": {"pool_tokens": "pool_tokens", "prompt_tokens": "prompt_tokens", "gen_tokens": "gen_tokens",
                "concurrency": "concurrency", "ratio": "memory_ratio", "method": "memory_method"},
     "kernels": {"kernels": "kernels", "seq_lens": "seq_lens"},
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lengths", nargs="+", type=int, help="context lengths in tokens")
     s.add_argument("--speed-methods", nargs="+")
     s.add_argument("--speed-ratio", type=float)
+    s.add_argument("--speed-preset", help="serve this bundled preset and time its compactions (instead of "
+                   "--speed-methods: requests send only am_ratio)")
     s.add_argument("--speed-queries", choices=("context", "repeat", "self_study"),
                    help="reference-query source of the compacted requests (am_queries; default context)")
     s.add_argument("--decode-tokens", type=int, help="output tokens per request (decode step timing)")

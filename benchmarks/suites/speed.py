@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from ..common import output, plots, texts
-from .fidelity import SPEC
+from .fidelity import SPEC, preset_spec
 from ..common.serving import Endpoint, ServerSpec, delta
 
 NAME = "speed"
@@ -32,6 +32,9 @@ class Config(BaseModel):
 
     lengths: list[int] = [1024, 2048, 4096, 8064]
     methods: list[str] = ["highest_attention"]
+    # Serve this bundled preset instead (as `--attnmatch <preset>`): compacted requests then send only
+    # am_ratio, so the preset's own method, queries and algorithm options are what gets timed.
+    preset: str | None = None
     ratio: float = 0.1
     queries: Literal["context", "repeat", "self_study"] = "context"  # am_queries of the compacted requests
     decode_tokens: int = 64
@@ -56,11 +59,18 @@ QUICK = {"lengths": [256, 512], "decode_tokens": 8, "repeats": 1}
 
 
 def spec(cfg: Config) -> ServerSpec:
-    return SPEC
+    return preset_spec(cfg.preset) if cfg.preset else SPEC
+
+
+def _cases(cfg: Config) -> dict[str, dict]:
+    """Compacted request kinds: label → the am_* keys they send (besides am_ratio)."""
+    if cfg.preset:
+        return {f"preset {cfg.preset}": {}}
+    return {m: {"am_method": m, "am_keep_last": cfg.keep_last, "am_queries": cfg.queries} for m in cfg.methods}
 
 
 def steps(cfg: Config) -> int:
-    return len(cfg.lengths) * (1 + len(cfg.methods)) * cfg.repeats
+    return len(cfg.lengths) * (1 + len(_cases(cfg))) * cfg.repeats
 
 
 def _timed(endpoint: Endpoint, prompt: list[int], cfg: Config, xargs: dict | None, salt: str) -> dict:
@@ -101,26 +111,27 @@ def run(cfg: Config, endpoint: Endpoint, run_id: str, progress) -> dict:
     warm = texts.long_ids(tok, 300)
     progress.set_postfix_str("warm-up")
     endpoint.stream(warm, 4, None, f"{run_id}-warm-stock")
-    for m in cfg.methods:
-        endpoint.stream(warm, 4, {"am_ratio": cfg.ratio, "am_method": m, "am_queries": cfg.queries}, f"{run_id}-warm-{m}")
+    cases = _cases(cfg)
+    for m, keys in cases.items():
+        endpoint.stream(warm, 4, {"am_ratio": cfg.ratio, **keys}, f"{run_id}-warm-{m}")
     rows = []
     for length in cfg.lengths:
         prompt = texts.long_ids(tok, length)
-        samples: dict[str, list[dict]] = {"stock": [], **{m: [] for m in cfg.methods}}
+        samples: dict[str, list[dict]] = {"stock": [], **{m: [] for m in cases}}
         for rep in range(cfg.repeats):
             progress.set_postfix_str(f"L={length} stock")
             samples["stock"].append(_timed(endpoint, prompt, cfg, None, f"{run_id}-{length}-stock-{rep}"))
             progress.update()
-            for m in cfg.methods:
+            for m, keys in cases.items():
                 progress.set_postfix_str(f"L={length} {m}")
-                xargs = {"am_ratio": cfg.ratio, "am_method": m, "am_keep_last": cfg.keep_last, "am_queries": cfg.queries}
+                xargs = {"am_ratio": cfg.ratio, **keys}
                 samples[m].append(_timed(endpoint, prompt, cfg, xargs, f"{run_id}-{length}-{m}-{rep}"))
                 progress.update()
         stock = _best(samples["stock"])
         stock["prefill_s"] = stock["ttft_s"]
         stock["kv_entries"] = length
         compacted = {}
-        for m in cfg.methods:
+        for m in cases:
             c = _best(samples[m])
             span_end = (length - max(cfg.keep_last, 1)) // block * block  # as engine.layouts.plan_layout
             c["kv_entries"] = c["tokens_after"] + length - span_end if c["compactions"] else None

@@ -70,6 +70,14 @@ def test_run_arguments_take_quick_sizes_and_overrides():
     assert cli.config_for("speed", cli.build_parser().parse_args(["run", "--suite", "speed"])).lengths[-1] + 64 <= 8192
 
 
+def test_the_speed_suite_can_time_a_preset_on_its_own_server():
+    cfg = cli.config_for("speed", cli.build_parser().parse_args(["run", "--suite", "speed", "--speed-preset", "fast"]))
+    assert speed.spec(cfg).name == "preset-fast"
+    assert speed._cases(cfg) == {"preset fast": {}}  # only am_ratio is sent: the preset's options apply
+    plain = cli.config_for("speed", cli.build_parser().parse_args(["run", "--suite", "speed"]))
+    assert speed.spec(plain) == fidelity.SPEC and speed._cases(plain)["highest_attention"]["am_method"] == "highest_attention"
+
+
 @pytest.mark.parametrize("argv", [
     ["run", "--suite", "fidelity", "--methods", "nonsense"],
     ["run", "--suite", "fidelity", "--ratios", "1.5"],
