@@ -286,3 +286,29 @@ def test_the_order_of_the_reference_queries_changes_nothing(method):
     assert torch.equal(shuffled.indices, ref.indices) and torch.equal(shuffled.gate, ref.gate)
     torch.testing.assert_close(shuffled.beta, ref.beta, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(shuffled.values, ref.values, atol=1e-3, rtol=1e-3)
+
+
+def test_omp_grown_gram_solves_the_same_nnls_as_the_selected_columns_alone():
+    # OMP grows its selection's Gram matrix column by column, with dead slots for dropped or untaken
+    # columns (a dropped column may come back). The solve must equal NNLS on the live columns alone.
+    from vllm_attnmatch.algorithms.omp import _SelectedColumns
+
+    g = torch.Generator().manual_seed(17)
+    H, n, T = 2, 40, 30
+    A = torch.rand(H, n, T, generator=g)
+    y = torch.ones(H, n)
+    design = _SelectedColumns(A, y, torch.tensor([0, 1]).expand(H, -1), room=3)  # room grows
+    design.add(torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.tensor([[True, True, True], [True, True, False]]))
+    low = torch.zeros(H, T, dtype=torch.bool)
+    low[0, 6] = low[1, 9] = True
+    design.drop(low)
+    design.add(torch.tensor([[6, 12], [9, 13]]), torch.ones(H, 2, dtype=torch.bool))  # 6 and 9 come back
+    live = [[0, 1, 5, 7, 6, 12], [0, 1, 8, 9, 13]]  # head 1 never took 10
+    w = design.solve(torch.ones(H, T), 0.01, 10.0, iters=3000)
+    for h in range(H):
+        ref = nnls(A[h:h + 1, :, live[h]], y[h:h + 1], 0.01, 10.0, iters=3000)[0]
+        torch.testing.assert_close(w[h, live[h]], ref, atol=1e-4, rtol=1e-4)
+        others = torch.ones(T, dtype=torch.bool)
+        others[live[h]] = False
+        assert (w[h, others] == 0).all()
+    torch.testing.assert_close(design.times(w), torch.einsum("hnt,ht->hn", A, w), atol=1e-4, rtol=1e-4)

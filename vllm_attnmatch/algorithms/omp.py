@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import CompactionInputs, Method, register
-from .nnls import matvec, nnls
+from .nnls import matvec, nnls_normal
 from .scoring import protected_mask
 
 
@@ -58,6 +58,7 @@ class OMP(Method):
         ar = torch.arange(T, device=dev)
         step, drops = 0, 0
         max_steps = 4 * t + 16
+        design = _SelectedColumns(A, y, forced.nonzero().squeeze(-1).expand(H, -1), room=t + t // 4 + 8)
         # A·w kept up to date from the selected columns only, so each step reads the (H,n,T) design once
         # (for Aᵀ·resid), not twice: the selection is memory-bound on that design.
         Aw = matvec(A, w_full)
@@ -76,19 +77,20 @@ class OMP(Method):
             rows = torch.arange(H, device=dev).unsqueeze(1).expand(H, k)
             selected[rows[take], top[take]] = True
             w_full[rows[take], top[take]] = 1.0
-            added = torch.gather(A, 2, top.unsqueeze(1).expand(H, n, k)) * take.unsqueeze(1)
+            added = design.add(top, take)
             Aw = Aw + added.sum(-1)
             step += 1
             if step % self.nnls_every == 0 or int((t - selected.sum(-1)).max()) <= 0:
-                w_full, As, order = self._solve(A, y, selected, w_full, lo, hi)
+                w_full = design.solve(w_full, lo, hi, self.nnls_iters)
                 if drops < 3:
                     low = selected & (w_full < math.exp(self.drop_beta) * 1.0001)
                     low &= ~forced
                     if low.any():
                         selected &= ~low
                         w_full[low] = 0.0
+                        design.drop(low)
                         drops += 1
-                Aw = matvec(As, torch.gather(w_full, 1, order))
+                Aw = design.times(w_full)
         # Heads that could not fill (degenerate inputs) take the best remaining by score.
         counts = selected.sum(-1)
         if int((t - counts).max()) > 0:
@@ -100,17 +102,94 @@ class OMP(Method):
         idx = torch.stack([ar[selected[h]][:t] for h in range(H)])
         return idx
 
-    def _solve(self, A, y, selected, w_full, lo, hi):
-        """NNLS on the selected columns; returns the full weights and the gathered columns with their order
-        (zero columns where a head has fewer), so the caller can form ``A·w`` without the full design."""
-        H, n, T = A.shape
-        s = int(selected.sum(-1).max())
-        # gather selected columns, padding heads with fewer columns by zero columns (weight irrelevant)
-        order = torch.argsort((~selected).float(), dim=-1, stable=True)[:, :s]
-        valid_col = torch.gather(selected, 1, order)
-        As = torch.gather(A, 2, order.unsqueeze(1).expand(H, n, s)) * valid_col.unsqueeze(1)
-        init = torch.gather(w_full, 1, order).clamp(lo, hi)
-        w = nnls(As, y, lo, hi, ridge=0.0, prior=init, iters=self.nnls_iters)
+
+class _SelectedColumns:
+    """The selected columns of the design ``A (H,n,T)`` in the order they were chosen, with their Gram
+    matrix and ``Aᵀy`` grown as columns arrive.
+
+    Why: each NNLS re-solve needs ``AsᵀAs`` over the selection. Rebuilding it (and re-gathering ``As``)
+    at every solve cost more than the greedy steps themselves; a step only adds ``k`` columns, so only
+    their products with the columns already there are new. Dropped or never-taken slots stay as zero
+    columns: their Gram rows, columns and ``Aᵀy`` entries are zero, so they decouple from the solve.
+    The slots live in buffers with room to spare (appending never copies what is there).
+    """
+
+    def __init__(self, A: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, room: int):
+        self.A, self.y = A, y
+        H, n, _ = A.shape
+        first = cols.shape[1]
+        self._cols = torch.zeros(H, room, dtype=torch.long, device=A.device)
+        self._valid = torch.zeros(H, room, dtype=torch.bool, device=A.device)
+        self._As = torch.zeros(H, n, room, device=A.device)
+        self._G = torch.zeros(H, room, room, device=A.device)
+        self._h = torch.zeros(H, room, device=A.device)
+        self.size = 0
+        self.add(cols, torch.ones_like(cols, dtype=torch.bool))
+
+    @property
+    def cols(self):
+        return self._cols[:, :self.size]
+
+    @property
+    def valid(self):
+        return self._valid[:, :self.size]
+
+    def _grow(self, extra: int) -> None:
+        room = self._cols.shape[1]
+        if self.size + extra <= room:
+            return
+        new_room = max(self.size + extra, room + room // 2)
+        for name in ("_cols", "_valid", "_h"):
+            old = getattr(self, name)
+            buf = old.new_zeros(old.shape[0], new_room)
+            buf[:, :room] = old
+            setattr(self, name, buf)
+        As = self._As.new_zeros(self._As.shape[0], self._As.shape[1], new_room)
+        As[:, :, :room] = self._As
+        G = self._G.new_zeros(self._G.shape[0], new_room, new_room)
+        G[:, :room, :room] = self._G
+        self._As, self._G = As, G
+
+    def add(self, top: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+        """Append the columns ``top (H,k)`` where ``take``; returns them ``(H,n,k)`` (zero where not taken)."""
+        k = top.shape[1]
+        self._grow(k)
+        s, e = self.size, self.size + k
+        new = self._As[:, :, s:e]
+        torch.gather(self.A, 2, top.unsqueeze(1).expand(-1, self.A.shape[1], -1), out=new)
+        new.mul_(take.unsqueeze(1))
+        if s:
+            torch.bmm(self._As[:, :, :s].transpose(1, 2), new, out=self._G[:, :s, s:e])
+            self._G[:, s:e, :s] = self._G[:, :s, s:e].transpose(1, 2)
+        self._G[:, s:e, s:e] = torch.bmm(new.transpose(1, 2), new)
+        self._h[:, s:e] = matvec(new.transpose(1, 2), self.y)
+        self._cols[:, s:e] = top
+        self._valid[:, s:e] = take
+        self.size = e
+        return new
+
+    def drop(self, low: torch.Tensor) -> None:
+        """Zero the slots whose column is marked in ``low (H,T)``."""
+        s = self.size
+        gone = torch.gather(low, 1, self.cols) & self.valid
+        self._valid[:, :s] &= ~gone
+        keep = self.valid.to(self._As.dtype)
+        self._As[:, :, :s].mul_(keep.unsqueeze(1))
+        self._G[:, :s, :s].mul_(keep.unsqueeze(1)).mul_(keep.unsqueeze(2))
+        self._h[:, :s].mul_(keep)
+
+    def solve(self, w_full: torch.Tensor, lo: float, hi: float, iters: int) -> torch.Tensor:
+        """Bounded NNLS on the selection, warm-started from ``w_full``; returns the full ``(H,T)`` weights."""
+        s = self.size
+        init = torch.gather(w_full, 1, self.cols).clamp(lo, hi)
+        w = nnls_normal(self._G[:, :s, :s], self._h[:, :s], lo, hi, iters=iters, init=init)
         out = torch.zeros_like(w_full)
-        out.scatter_(1, order, torch.where(valid_col, w, torch.zeros_like(w)))
-        return out, As, order
+        # valid slots only: a dropped column picked again has a dead slot too, and scatter_ with repeated
+        # indices keeps an arbitrary one
+        heads = torch.arange(w.shape[0], device=w.device).unsqueeze(1).expand_as(self.cols)
+        out[heads[self.valid], self.cols[self.valid]] = w[self.valid]
+        return out
+
+    def times(self, w_full: torch.Tensor) -> torch.Tensor:
+        """``A·w`` over the selected columns only ``(H,n)``."""
+        return matvec(self._As[:, :, :self.size], torch.gather(w_full, 1, self.cols) * self.valid)
