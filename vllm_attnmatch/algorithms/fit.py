@@ -24,6 +24,9 @@ from .values import DEFAULT_ALPHAS, relative_output_error, ridge_path
 INF = float("inf")
 
 
+_VALUE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
 @dataclass
 class FitConfig:
     """Knobs of the β / value fit.
@@ -47,6 +50,8 @@ class FitConfig:
         context best), ``random`` a random subset; ``latest`` needs query positions, else random.
     fit_from : fit and gate only with queries whose position is at or after this quantile of positions
         (0 = all); early context queries see few keys and describe attention that later tokens never do.
+    value_dtype : precision of the value ridge solves, ``float64`` or ``float32`` (float32 falls back to
+        float64 where a factorisation fails).
     """
 
     fit_beta: bool = True
@@ -62,6 +67,11 @@ class FitConfig:
     nnls_warm_start: bool = False
     heldout: str = "latest"
     fit_from: float = 0.5
+    value_dtype: str = "float64"
+
+    def __post_init__(self):
+        if self.value_dtype not in _VALUE_DTYPES:
+            raise ValueError(f"value_dtype must be one of {tuple(_VALUE_DTYPES)}, got {self.value_dtype!r}")
 
 
 @dataclass
@@ -185,7 +195,8 @@ def fit_block(targets: FitTargets, values: torch.Tensor, idx: torch.Tensor, bias
     if cfg.fit_values:
         tw = train_t.unsqueeze(-1).float()
         X_t = design(s_k[:, train_rows], w)
-        path = ridge_path(X_t * tw, targets.output[:, train_rows] * tw, V0, cfg.value_alphas)
+        path = ridge_path(X_t * tw, targets.output[:, train_rows] * tw, V0, cfg.value_alphas,
+                          _VALUE_DTYPES[cfg.value_dtype])
         vmax = values.float().abs().amax(dim=(1, 2)).clamp_min(1e-6)[:, None, None] * cfg.value_clip
         path = [torch.maximum(torch.minimum(p, vmax), -vmax) for p in path]
         errs = torch.stack([out_err(X_h, p) for p in path])

@@ -19,13 +19,15 @@ import torch
 
 
 def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
-                          block_len: int, scale: float, chunk: int = 1024) -> torch.Tensor:
+                          block_len: int, scale: float, chunk: int = 128) -> torch.Tensor:
     """``(H, block_len)`` max attention of the repetition's queries on the first ``block_len`` keys.
 
     queries : ``(H, n, d)`` the repetition's queries, the G query heads of each KV head pooled
         (``group_queries`` layout), at ``query_positions (n,)`` in the full sequence.
     keys : ``(H, L, d)`` every key of the sequence (context, repeat prompt, repetition), positions 0..L-1.
     Each query attends causally (keys at or before its own position), softmax over all of them.
+    ``chunk`` rows at a time: the passes over a chunk's scores are memory-bound, and a 128-row chunk
+    stays in cache (a 2k-token document on 2 CPU cores: 291 -> 153 ms a layer against 1024 rows).
     """
     H, n, _ = queries.shape
     L = keys.shape[1]
