@@ -93,3 +93,47 @@ def test_the_engine_compacts_layer_l_on_the_queries_that_reach_it_through_compac
     assert run.result().ok and not made.layers
     for name in kv.layer_names():
         torch.testing.assert_close(kv.gather(name, dst, layout.physical_len)[0], expected[name])
+
+
+def test_repeat_queries_are_made_one_layer_per_slice_and_compact_as_the_whole_pass_would(bundled):
+    """The ``repeat`` source re-reads the document inside the job's layer slices: a slice of k layers
+    runs k layers of the re-read (the batch is never frozen for a whole re-read), and the compacted
+    layers equal those of the same job fed the eager pass's queries and KVzip scores."""
+    from vllm_attnmatch.worker.query_sources import REPEAT_PROMPT, repeat_queries
+    from vllm_attnmatch.worker.synthetic import ExtraQueries
+
+    model, ids = bundled.model, bundled.ids[:160]
+    _, cache, context_queries = model.prefill(ids)
+    layout = layout_for_span(160, 4, 0.25, None, BLOCK)
+    src = tuple(range(10))
+    dst = tuple(range(10, 10 + -(-layout.physical_len // BLOCK)))
+    job = CompactionJob("r", layout, src, dst, "highest_attention", "repeat", None, {"reduction": "reconstruction"})
+    producer = SyntheticQueryProducer(model, bundled.tokenizer, ServerConfig())
+    positions = torch.arange(160)
+
+    def run_with(kv, extra):
+        run = JobRun(job, kv, {n: q for n, q in zip(kv.layer_names(), context_queries)}, positions, extra)
+        made = []
+        while not run.done:
+            run.run_layers(3)
+            made.append(getattr(extra, "layers_made", None))
+        assert run.result().ok, run.error
+        return {name: kv.gather(name, dst, layout.physical_len) for name in kv.layer_names()}, made
+
+    layered_kv = PagedCache(cache, blocks=16)
+    layered = producer.produce(job, layered_kv, ids)
+    assert layered.layers_made == 0  # nothing re-read in the step that ships the job
+    layered_out, made = run_with(layered_kv, layered)
+    assert made == list(range(3, 31, 3))  # three layers of the re-read per slice of three layers
+
+    eager_kv = PagedCache(cache, blocks=16)
+    end = layout.span_end
+    prefix = [type(kv)(kv.keys[:, :end], kv.values[:, :end], kv.bias[:, :end]) for kv in cache]
+    prompt = bundled.tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
+    eager = repeat_queries(model, prefix, ids[:end], prompt, 2048, key_scores=True)
+    names = eager_kv.layer_names()
+    eager_out, _ = run_with(eager_kv, ExtraQueries(dict(zip(names, eager.queries)), eager.positions, eager.seconds,
+                                                   dict(zip(names, eager.info["key_scores"]))))
+    for name in names:
+        torch.testing.assert_close(layered_out[name][0], eager_out[name][0])
+        torch.testing.assert_close(layered_out[name][1], eager_out[name][1])

@@ -149,6 +149,21 @@ class ReferenceLlama:
         h = h + _lin(mlp, w[p + "mlp.down_proj.weight"])
         return h, LayerKV(keys, values, bias.float()), q
 
+    def layer_by_layer(self, token_ids, past, start_position: int):
+        """The forward of ``token_ids`` after a cache, one layer per ``next()``: yields each layer's
+        ``(LayerKV of cache + new tokens, post-RoPE queries (n, H_q, d))``.
+
+        ``past(i)`` returns layer ``i``'s cached :class:`LayerKV` when the pass reaches it (so a caller can
+        read it lazily, and spread the pass over engine steps); the cached entries are never modified.
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        h = self.w["model.embed_tokens.weight"][ids]
+        positions = torch.arange(start_position, start_position + ids.numel(), device=h.device)
+        for i in range(self.num_layers):
+            with torch.no_grad():
+                h, kv, q = self._layer(i, h, positions, past(i))
+            yield kv, q
+
     def _run(self, token_ids, cache: list[LayerKV] | None, start_position: int, want_queries: bool):
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         h = self.w["model.embed_tokens.weight"][ids]

@@ -331,6 +331,9 @@ class JobRun:
                 job, keys, values, old_beta, queries, kv.scale(layer), timings=clock.inner
             )
         else:
+            # A synthetic source's queries (and key scores) for this layer; a layered source makes them now.
+            extra_queries, key_scores = extra.layer(layer) if extra is not None else (None, None)
+            clock.lap("reference_queries")
             new_keys, new_values, beta, fit_error = compact_layer(
                 job,
                 keys,
@@ -338,11 +341,11 @@ class JobRun:
                 queries,
                 self.query_positions,
                 kv.scale(layer),
-                extra.queries.get(layer) if extra is not None else None,
+                extra_queries,
                 extra.positions if extra is not None else None,
                 layer_index(layer) if job.head_targets is not None else None,
                 timings=clock.inner,
-                key_scores=extra.key_scores.get(layer) if extra is not None and extra.key_scores else None,
+                key_scores=key_scores,
             )
         clock.lap("prepare")
         return self._write(layer, clock, new_keys, new_values, beta, fit_error)

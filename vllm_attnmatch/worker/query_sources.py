@@ -99,35 +99,56 @@ def _concat(parts: list[tuple[list[torch.Tensor], torch.Tensor]]) -> tuple[list[
     return queries, torch.cat([p[1] for p in parts])
 
 
+class RepeatPass:
+    """Repeat-prefill one layer at a time: teacher-force ``prompt + context`` after the context.
+
+    Why a pass and not one call: re-reading a document costs about a prefill of it. Served, each
+    ``next_layer`` runs in the engine step that compacts that layer, so the re-read spreads over the
+    job's layer slices instead of freezing the batch for its whole duration. :func:`repeat_queries` runs
+    it through at once.
+
+    ``past(i)`` returns layer ``i``'s cache of the context (read when the pass reaches it). With
+    ``key_scores``, each layer also gives KVzip's reconstruction score of every context key (``(H_kv,
+    len(context))``): the largest attention a query of the copy gives it, normalised over everything that
+    query sees (:func:`~vllm_attnmatch.algorithms.kvzip.reconstruction_scores`). Only here is the whole
+    repeated sequence at hand, so the score is computed here and not in the fit.
+    """
+
+    def __init__(self, model: ReferenceLlama, past, context_ids: list[int], prompt_ids: list[int], max_tokens: int,
+                 key_scores: bool = False) -> None:
+        self.start = len(context_ids)
+        repeated = list(context_ids[:max_tokens])
+        self.skip = len(prompt_ids)
+        self.positions = torch.arange(self.start + self.skip, self.start + self.skip + len(repeated))
+        self.tokens = self.skip + len(repeated)
+        self.key_scores = key_scores
+        self.seconds = 0.0
+        self._model = model
+        self._layers = model.layer_by_layer(list(prompt_ids) + repeated, past, self.start)
+
+    def next_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next layer's queries of the repeated copy ``(n, H_q, d)`` and, if asked, its key scores."""
+        started = time.perf_counter()
+        kv, q = next(self._layers)
+        scores = None
+        if self.key_scores:
+            m = self._model
+            H = m.num_kv_heads
+            scores = reconstruction_scores(group_queries(q[self.skip:], H)[0], kv.keys,
+                                           self.positions.repeat(m.num_heads // H), self.start, m.scale)
+        self.seconds += time.perf_counter() - started
+        return q[self.skip:], scores
+
+
 def repeat_queries(
     model: ReferenceLlama, cache: list[LayerKV], context_ids: list[int], prompt_ids: list[int], max_tokens: int,
     key_scores: bool = False,
 ) -> SyntheticQueries:
-    """Teacher-force ``prompt + context`` after the context; queries of the repeated copy.
-
-    ``key_scores``: also KVzip's reconstruction score of every context key (``info["key_scores"]``, per
-    layer ``(H_kv, len(context))``): the largest attention a query of the copy gives it, normalised over
-    everything that query sees (:func:`~vllm_attnmatch.algorithms.kvzip.reconstruction_scores`). Only
-    here is the whole repeated sequence at hand, so the score is computed here and not in the fit.
-    """
-    started = time.perf_counter()
-    start = len(context_ids)
-    repeated = list(context_ids[:max_tokens])
-    work = [kv.clone() for kv in cache]
-    _, queries = model.forward(list(prompt_ids) + repeated, work, start, return_queries=True)
-    skip = len(prompt_ids)
-    positions = torch.arange(start + skip, start + skip + len(repeated))
-    info = {}
-    if key_scores:
-        H = model.num_kv_heads
-        info["key_scores"] = [
-            reconstruction_scores(group_queries(q[skip:], H)[0], kv.keys, positions.repeat(model.num_heads // H),
-                                  start, model.scale)
-            for q, kv in zip(queries, work)
-        ]
-    return SyntheticQueries(
-        [q[skip:] for q in queries], positions, time.perf_counter() - started, len(prompt_ids) + len(repeated), info
-    )
+    """:class:`RepeatPass` through every layer at once; key scores (if asked) in ``info["key_scores"]``."""
+    run = RepeatPass(model, cache.__getitem__, context_ids, prompt_ids, max_tokens, key_scores)
+    layers = [run.next_layer() for _ in range(model.num_layers)]
+    info = {"key_scores": [scores for _, scores in layers]} if key_scores else {}
+    return SyntheticQueries([q for q, _ in layers], run.positions, run.seconds, run.tokens, info)
 
 
 def self_study_queries(

@@ -244,7 +244,8 @@ class AttnMatchRunnerMixin:
             result = dataclasses.replace(
                 result,
                 seconds=result.seconds + cost.seconds,
-                query_seconds=cost.query_seconds,
+                # a layered source (repeat) made its queries inside the slices, timed by the executor
+                query_seconds=cost.query_seconds + result.timings.get("reference_queries", 0.0),
                 timings={**result.timings, **cost.components},
                 query_source=run.query_source,
             )

@@ -26,8 +26,8 @@ from vllm_attnmatch.worker.executor import compact_layer, layer_index
 from vllm_attnmatch.worker.query_sources import (
     PROMPT_FAMILIES,
     REPEAT_PROMPT,
+    RepeatPass,
     build_prompts,
-    repeat_queries,
     self_study_batched,
 )
 
@@ -49,6 +49,39 @@ class ExtraQueries:
     @property
     def components(self) -> dict[str, float]:
         return {"reference_queries": self.seconds}
+
+    def layer(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The layer's queries and key scores (``None`` where there are none), handed over once."""
+        return self.queries.pop(name, None), (self.key_scores or {}).pop(name, None)
+
+
+class LayeredRepeatQueries:
+    """``repeat`` queries produced a layer at a time, when the executor asks for a layer: the re-read of
+    the document runs inside the job's layer slices, a layer per slice, instead of all at once in the
+    step that ships the job (which froze the batch for about a prefill of the document). Same interface
+    as :class:`ExtraQueries` (``positions``, ``layer``); it costs nothing before the first slice
+    (``seconds`` 0), and the executor times each layer's share as its ``reference_queries`` component.
+    """
+
+    seconds = 0.0
+    query_seconds = 0.0
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {}
+
+    def __init__(self, names: list[str], run: RepeatPass) -> None:
+        self._names, self._run = names, run
+        self._ready: dict[str, tuple] = {}
+        self.positions = run.positions
+        self.layers_made = 0
+
+    def layer(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        while name not in self._ready and self.layers_made < len(self._names):
+            # on the CPU, where the reference forward runs: the executor moves them to the keys' device
+            self._ready[self._names[self.layers_made]] = self._run.next_layer()
+            self.layers_made += 1
+        return self._ready.pop(name, (None, None))
 
 
 @dataclass
@@ -101,19 +134,25 @@ class SyntheticQueryProducer:
         tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
         return cls(model, tokenizer, settings)
 
-    def _prefix_cache(self, job, kv) -> tuple[list[str], list[LayerKV], torch.device | None]:
-        """The request's KV up to the span end, per layer in layer order, as CPU fp32 for the reference forward."""
-        end = job.layout.span_end
+    def _layer_names(self, kv) -> list[str]:
         names = sorted(kv.layer_names(), key=layer_index)
         if len(names) != self.model.num_layers:
             raise ValueError(f"{len(names)} attention layers in the engine, {self.model.num_layers} in the checkpoint")
-        cache, device = [], None
-        for name in names:
-            keys, values = kv.gather(name, job.src_block_ids, end)
-            device = keys.device  # the reference forward runs on the CPU copy of the weights
-            keys, values = keys.float().cpu(), values.float().cpu()
-            cache.append(LayerKV(keys, values, torch.zeros(keys.shape[:2])))
-        return names, cache, device
+        return names
+
+    @staticmethod
+    def _prefix_layer(job, kv, name: str) -> LayerKV:
+        """One layer of the request's KV up to the span end, as CPU fp32 for the reference forward."""
+        keys, values = kv.gather(name, job.src_block_ids, job.layout.span_end)
+        keys, values = keys.float().cpu(), values.float().cpu()
+        return LayerKV(keys, values, torch.zeros(keys.shape[:2]))
+
+    def _prefix_cache(self, job, kv) -> tuple[list[str], list[LayerKV], torch.device | None]:
+        """The request's KV up to the span end, per layer in layer order (see :meth:`_prefix_layer`), and the
+        device it lives on (the reference forward runs on the CPU copy of the weights)."""
+        names = self._layer_names(kv)
+        device = kv.gather(names[0], job.src_block_ids, 1)[0].device
+        return names, [self._prefix_layer(job, kv, name) for name in names], device
 
     def produce_on_policy(self, job, kv, prompt_ids: list[int], queries: dict, positions) -> OnPolicyLayers:
         """Compact every layer of ``job`` on-policy (``on_policy`` setting): the source's rows (self-study
@@ -162,22 +201,21 @@ class SyntheticQueryProducer:
         on_policy_pass(self.model, cache, rows, compact_here)
         return OnPolicyLayers(layers, generation_seconds, time.perf_counter() - started, timings, rows)
 
-    def produce(self, job, kv, prompt_ids: list[int]) -> ExtraQueries:
+    def produce(self, job, kv, prompt_ids: list[int]) -> ExtraQueries | LayeredRepeatQueries:
         end = job.layout.span_end
-        names, cache, device = self._prefix_cache(job, kv)
         context = prompt_ids[:end]
         if job.queries == "repeat":
-            made = repeat_queries(self.model, cache, context, self.repeat_prompt, self.settings.repeat_max_tokens,
-                                  key_scores=job.options.get("reduction") == RECONSTRUCTION)
-        elif job.queries == "self_study":
-            prompts = build_prompts(self.family, self.encode, context)
-            made = self_study_batched(
-                self.model, cache, prompts, self.settings.self_study_tokens, self.settings.self_study_seconds
-            )
-        else:
+            # A layer at a time, inside the job's layer slices; each layer's cache is read when reached.
+            names = self._layer_names(kv)
+            run = RepeatPass(self.model, lambda i: self._prefix_layer(job, kv, names[i]), context, self.repeat_prompt,
+                             self.settings.repeat_max_tokens, key_scores=job.options.get("reduction") == RECONSTRUCTION)
+            return LayeredRepeatQueries(names, run)
+        if job.queries != "self_study":
             raise ValueError(f"unknown query source {job.queries!r}")
-        scores = made.info.get("key_scores")
-        return ExtraQueries(
-            {name: q.to(device) for name, q in zip(names, made.queries)}, made.positions, made.seconds,
-            {name: sc.to(device) for name, sc in zip(names, scores)} if scores is not None else None,
+        names, cache, device = self._prefix_cache(job, kv)
+        made = self_study_batched(
+            self.model, cache, build_prompts(self.family, self.encode, context),
+            self.settings.self_study_tokens, self.settings.self_study_seconds
         )
+        return ExtraQueries({name: q.to(device) for name, q in zip(names, made.queries)}, made.positions, made.seconds)
+
