@@ -11,9 +11,12 @@ produced a few tokens, a second request of ``--prompt-tokens`` real tokens arriv
 
 Reported per case: the neighbour's worst and median inter-token gap over the window from the second
 request's arrival to its completion (the whole run for ``alone``), the neighbour's tokens in that window,
-and the second request's latency. Target of issue 13.3: ``compacting`` within 1.5× ``plain_prefill``.
+and the second request's latency. Each preset (``--presets``) gets its own server; ``--sources`` adds
+compacting cases with other reference-query sources. Target of issue 20: every compacting case within
+1.5× ``plain_prefill``.
 
     python -m benchmarks stall                        # ~3.8k-token prompt, ratio 0.1 (~10 min on 2 cores)
+    python -m benchmarks stall --presets default fast documents quality --sources repeat self_study
     python -m benchmarks stall --url http://...:8000  # a running plugin server
 """
 
@@ -82,33 +85,67 @@ def measure(client, long_prompt_ids: list[int] | None, xargs: dict | None, warm_
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "# Stall: a decoding request's worst inter-token gap",
         "",
+        f"`{result['meta']['command']}`  ",
         f"Neighbour decodes greedily; a {cfg['prompt_tokens']}-token prompt arrives (max_tokens 1). "
-        f"Compacting case: am_ratio {cfg['ratio']}, compaction_layers_per_step {cfg['layers_per_step']}.",
+        f"Compacting cases: am_ratio {cfg['ratio']}, compaction_layers_per_step {cfg['layers_per_step']}; "
+        "one server per preset, its compacting case with the preset's own query source unless named.",
         "",
-        "| case | worst gap (s) | median gap (s) | neighbour tokens in window | long request (s) |",
-        "|---|---|---|---|---|",
+        "| preset | case | worst gap (s) | median gap (s) | neighbour tokens in window | long request (s) | worst gap × plain prefill's |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, row in result["cases"].items():
-        fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {name} | {fmt(row['worst_gap_s'])} | {fmt(row['median_gap_s'])} | "
-                     f"{row['neighbour_tokens_in_window']} | {fmt(row['long_request_s'])} |")
-    ratio = result.get("compacting_over_plain")
-    if ratio is not None:
-        lines += ["", f"compacting / plain prefill worst gap: **{ratio:.2f}×** (target ≤ 1.5×)"]
+    for preset, block in result["presets"].items():
+        plain = block["cases"]["plain_prefill"]["worst_gap_s"]
+        for name, row in block["cases"].items():
+            ratio = row["worst_gap_s"] / plain if plain and row["worst_gap_s"] and name.startswith("compacting") else None
+            lines.append(f"| {preset} | {name} | {fmt(row['worst_gap_s'])} | {fmt(row['median_gap_s'])} | "
+                         f"{row['neighbour_tokens_in_window']} | {fmt(row['long_request_s'])} | "
+                         f"{'' if ratio is None else f'**{ratio:.2f}×**'} |")
+    lines += ["", "Target (issue 20): every compacting case ≤ 1.5× the plain prefill's worst gap."]
     return "\n".join(lines)
+
+
+def _cases(sources: list[str], ratio: float) -> dict[str, dict | bool | None]:
+    """Case name → the long request's am_* keys (None: no long request; False: a plain one)."""
+    cases: dict = {"alone": None, "plain_prefill": False, "compacting": {"am_ratio": ratio}}
+    for source in sources:
+        cases[f"compacting ({source} queries)"] = {"am_ratio": ratio, "am_queries": source}
+    return cases
+
+
+def _measure_server(client, tokenizer, cases: dict, prompt_tokens: int, repeats: int) -> dict:
+    """Every case on one server; each keeps its worst run."""
+    measure(client, texts.long_ids(tokenizer, 200), None)  # warm-up
+    out: dict[str, dict] = {}
+    run = 0
+    for _ in range(repeats):
+        for name, xargs in cases.items():
+            # real text at a fresh offset per run: no prefix-cache or compacted-prefix reuse between runs
+            run += 1
+            prompt = None if xargs is None else texts.long_ids(tokenizer, prompt_tokens, offset=97 * run)
+            row = measure(client, prompt, xargs or None)
+            print(name, row, flush=True)
+            old = out.get(name)
+            if old is None or (row["worst_gap_s"] or 0) > (old["worst_gap_s"] or 0):
+                out[name] = row
+    return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt-tokens", type=int, default=3800)
     ap.add_argument("--ratio", type=float, default=0.1)
+    ap.add_argument("--presets", nargs="+", default=["default"],
+                    help="bundled presets, each served by its own server in turn")
+    ap.add_argument("--sources", nargs="*", default=[], choices=["context", "repeat", "self_study"],
+                    help="also compact with these query sources (am_queries) on every preset's server")
     ap.add_argument("--layers-per-step", type=int, default=None,
                     help="compaction_layers_per_step of the started server (default: the plugin's default)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per case; the worst gap is the max over runs")
-    ap.add_argument("--url", help="a running plugin server (else one is started)")
+    ap.add_argument("--url", help="a running plugin server (else one is started per preset)")
     ap.add_argument("--tag", default="latest")
     args = ap.parse_args(argv)
 
@@ -119,44 +156,33 @@ def main(argv=None) -> None:
     model = ensure_model()
     tokenizer = texts.tokenizer()
     layers = args.layers_per_step or ServerConfig().compaction_layers_per_step
-    server = None
-    if args.url:
-        from openai import OpenAI
+    cases = _cases(args.sources, args.ratio)
+    presets: dict[str, dict] = {}
+    for preset in (["served"] if args.url else args.presets):
+        server = None
+        if args.url:
+            from openai import OpenAI
 
-        client = OpenAI(base_url=args.url + "/v1", api_key="unused", timeout=1200, max_retries=0)
-    else:
-        section = {"preset": "default"}
-        if args.layers_per_step is not None:
-            section["compaction_layers_per_step"] = args.layers_per_step
-        server = Server("stall", model, {"attnmatch": section}, max_model_len=args.prompt_tokens + 256,
-                        dumps=False).wait_ready()
-        client = server.client()
-    try:
-        measure(client, texts.long_ids(tokenizer, 200), None)  # warm-up
-        cases: dict[str, dict] = {}
-        variants = {"alone": None, "plain_prefill": False, "compacting": {"am_ratio": args.ratio}}
-        run = 0
-        for _ in range(args.repeats):
-            for name, xargs in variants.items():
-                # real text at a fresh offset per run: no prefix-cache or compacted-prefix reuse between runs
-                run += 1
-                prompt = None if xargs is None else texts.long_ids(tokenizer, args.prompt_tokens, offset=97 * run)
-                row = measure(client, prompt, xargs or None)
-                print(name, row, flush=True)
-                old = cases.get(name)
-                if old is None or (row["worst_gap_s"] or 0) > (old["worst_gap_s"] or 0):
-                    cases[name] = row
-    finally:
-        if server is not None:
-            server.stop()
-    plain, compacting = cases["plain_prefill"]["worst_gap_s"], cases["compacting"]["worst_gap_s"]
+            client = OpenAI(base_url=args.url + "/v1", api_key="unused", timeout=1200, max_retries=0)
+        else:
+            section = {"preset": preset}
+            if args.layers_per_step is not None:
+                section["compaction_layers_per_step"] = args.layers_per_step
+            server = Server(f"stall-{preset}", model, {"attnmatch": section}, max_model_len=args.prompt_tokens + 256,
+                            dumps=False).wait_ready()
+            client = server.client()
+        try:
+            presets[preset] = {"cases": _measure_server(client, tokenizer, cases, args.prompt_tokens, args.repeats)}
+        finally:
+            if server is not None:
+                server.stop()
     result = {
         "suite": "stall",
         "quick": False,
         "meta": stamp(),
-        "config": {"prompt_tokens": args.prompt_tokens, "ratio": args.ratio, "layers_per_step": layers, "repeats": args.repeats},
-        "cases": cases,
-        "compacting_over_plain": compacting / plain if plain and compacting else None,
+        "config": {"prompt_tokens": args.prompt_tokens, "ratio": args.ratio, "layers_per_step": layers,
+                   "repeats": args.repeats, "presets": args.presets, "sources": args.sources},
+        "presets": presets,
     }
     paths = output.write(result, f"stall_{args.tag}", markdown(result))
     print(markdown(result))
