@@ -44,8 +44,12 @@ def _neighbour(client, prompt: str, max_tokens: int, stamps: list[float], stop: 
             return
 
 
+#: The neighbour's max_tokens: it must still be decoding when the slowest compaction ends.
+NEIGHBOUR_TOKENS = 4000
+
+
 def measure(client, long_prompt_ids: list[int] | None, xargs: dict | None, warm_tokens: int = 8,
-            neighbour_tokens: int = 4000, alone_tokens: int = 64) -> dict:
+            neighbour_tokens: int = NEIGHBOUR_TOKENS, alone_tokens: int = 64) -> dict:
     """One case: the neighbour's gaps while the long request (if any) is served."""
     stamps: list[float] = []
     stop = threading.Event()
@@ -168,8 +172,9 @@ def main(argv=None) -> None:
             section = {"preset": preset}
             if args.layers_per_step is not None:
                 section["compaction_layers_per_step"] = args.layers_per_step
-            server = Server(f"stall-{preset}", model, {"attnmatch": section}, max_model_len=args.prompt_tokens + 256,
-                            dumps=False).wait_ready()
+            # room for the long prompt and for the neighbour's whole stream (its max_tokens)
+            server = Server(f"stall-{preset}", model, {"attnmatch": section},
+                            max_model_len=max(args.prompt_tokens, NEIGHBOUR_TOKENS) + 256, dumps=False).wait_ready()
             client = server.client()
         try:
             presets[preset] = {"cases": _measure_server(client, tokenizer, cases, args.prompt_tokens, args.repeats)}

@@ -332,8 +332,10 @@ class JobRun:
             )
         else:
             # A synthetic source's queries (and key scores) for this layer; a layered source makes them now.
-            extra_queries, key_scores = extra.layer(layer) if extra is not None else (None, None)
-            clock.lap("reference_queries")
+            extra_queries, key_scores = None, None
+            if extra is not None:
+                extra_queries, key_scores = extra.layer(layer)
+                clock.lap("reference_queries")
             new_keys, new_values, beta, fit_error = compact_layer(
                 job,
                 keys,
