@@ -117,7 +117,6 @@ class _SelectedColumns:
     def __init__(self, A: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, room: int):
         self.A, self.y = A, y
         H, n, _ = A.shape
-        first = cols.shape[1]
         self._cols = torch.zeros(H, room, dtype=torch.long, device=A.device)
         self._valid = torch.zeros(H, room, dtype=torch.bool, device=A.device)
         self._As = torch.zeros(H, n, room, device=A.device)

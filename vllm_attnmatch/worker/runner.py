@@ -244,9 +244,11 @@ class AttnMatchRunnerMixin:
             result = dataclasses.replace(
                 result,
                 seconds=result.seconds + cost.seconds,
-                # a layered source (repeat) made its queries inside the slices, timed by the executor
+                # a layered source (repeat) makes its queries inside the slices, where the executor times
+                # them as reference_queries; what a source spent before the first slice adds to that
                 query_seconds=cost.query_seconds + result.timings.get("reference_queries", 0.0),
-                timings={**result.timings, **cost.components},
+                timings={name: result.timings.get(name, 0.0) + cost.components.get(name, 0.0)
+                         for name in {**result.timings, **cost.components}},
                 query_source=run.query_source,
             )
         result = agree_on_result(result)  # tensor parallel: applied only if it succeeded on every rank

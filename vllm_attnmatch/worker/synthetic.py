@@ -147,12 +147,10 @@ class SyntheticQueryProducer:
         keys, values = keys.float().cpu(), values.float().cpu()
         return LayerKV(keys, values, torch.zeros(keys.shape[:2]))
 
-    def _prefix_cache(self, job, kv) -> tuple[list[str], list[LayerKV], torch.device | None]:
-        """The request's KV up to the span end, per layer in layer order (see :meth:`_prefix_layer`), and the
-        device it lives on (the reference forward runs on the CPU copy of the weights)."""
+    def _prefix_cache(self, job, kv) -> tuple[list[str], list[LayerKV]]:
+        """The request's KV up to the span end, per layer in layer order (see :meth:`_prefix_layer`)."""
         names = self._layer_names(kv)
-        device = kv.gather(names[0], job.src_block_ids, 1)[0].device
-        return names, [self._prefix_layer(job, kv, name) for name in names], device
+        return names, [self._prefix_layer(job, kv, name) for name in names]
 
     def produce_on_policy(self, job, kv, prompt_ids: list[int], queries: dict, positions) -> OnPolicyLayers:
         """Compact every layer of ``job`` on-policy (``on_policy`` setting): the source's rows (self-study
@@ -162,7 +160,7 @@ class SyntheticQueryProducer:
         went through the compacted layers < l. Same maths as the offline study (``benchmarks
         query-sources --offline``, variant ``onpolicy:context@256+ss_continue``)."""
         layout = job.layout
-        names, cache, _ = self._prefix_cache(job, kv)
+        names, cache = self._prefix_cache(job, kv)
         end = layout.span_end
         context = prompt_ids[:end]
         started = time.perf_counter()
@@ -212,10 +210,11 @@ class SyntheticQueryProducer:
             return LayeredRepeatQueries(names, run)
         if job.queries != "self_study":
             raise ValueError(f"unknown query source {job.queries!r}")
-        names, cache, device = self._prefix_cache(job, kv)
+        names, cache = self._prefix_cache(job, kv)
         made = self_study_batched(
             self.model, cache, build_prompts(self.family, self.encode, context),
             self.settings.self_study_tokens, self.settings.self_study_seconds
         )
-        return ExtraQueries({name: q.to(device) for name, q in zip(names, made.queries)}, made.positions, made.seconds)
+        # on the CPU, where the reference forward ran: the executor moves each layer's to the keys' device
+        return ExtraQueries(dict(zip(names, made.queries)), made.positions, made.seconds)
 
