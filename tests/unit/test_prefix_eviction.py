@@ -127,12 +127,22 @@ def _publish(pool, store, key: bytes, num_blocks: int) -> list:
     return blocks
 
 
-def test_the_pin_budget_keeps_the_most_recently_used_prefixes_and_releases_the_least_recent():
+def _asked_and_published(pool, store, key: bytes, num_blocks: int, asks: int = 1) -> list:
+    for _ in range(asks):
+        store.asked(key)
+    return _publish(pool, store, key, num_blocks)
+
+
+def test_a_prefix_asked_more_often_takes_the_pin_of_the_least_recently_used_one():
     pool, store, stats = _store(pin_share=0.2)  # 20 usable blocks: 4 may be pinned, two 2-block prefixes
-    a = _publish(pool, store, b"a", 2)
-    b = _publish(pool, store, b"b", 2)
+    a = _asked_and_published(pool, store, b"a", 2)
+    b = _asked_and_published(pool, store, b"b", 2)
+    store.asked(b"a")
     assert store.lookup(b"a", 2) is not None  # "a" used again: "b" is now the least recently used pin
-    c = _publish(pool, store, b"c", 2)  # over budget: "b" goes back to plain LRU order
+    c = _asked_and_published(pool, store, b"c", 2)  # over budget, asked as often as "b": not pinned
+    assert store.queue.pinned == {blk.block_id for blk in a + b}
+    store.asked(b"c")
+    assert store.lookup(b"c", 2) is not None  # asked twice now, more than "b": "b" back to plain LRU order
     pinned = {blk.block_id for blk in a + c}
     assert store.queue.pinned == pinned
     # Plain blocks cached after them are reused first; "b", unpinned, goes with them.
@@ -145,6 +155,20 @@ def test_the_pin_budget_keeps_the_most_recently_used_prefixes_and_releases_the_l
     pool.get_new_blocks(16)  # everything but the pinned blocks
     assert store.lookup(b"b", 2) is None and stats.values["prefix_evictions"] == 1
     assert store.lookup(b"a", 2) is not None and store.lookup(b"c", 2) is not None
+
+
+def test_documents_asked_round_robin_that_do_not_all_fit_keep_most_of_their_pins(make_scheduler, make_request):
+    """The round-robin workload at r = 0.25 in a 40-block pool: six 4-block compacted documents and one raw
+    prefill do not fit. Plain LRU pins thrash (each document pushes out the next one asked: 0 hits); the
+    pins held by the first documents stay, because a newcomer was never asked more often."""
+    scheduler = make_scheduler(num_blocks=40)
+    for round_, question in enumerate(QUESTIONS):
+        for d in range(6):
+            document = list(range(1000 + 1000 * d, 1000 + 1000 * d + 16 * BLOCK))
+            _serve(scheduler, make_request(f"doc{d}-q{round_}", document + question, am_ratio=0.25))
+    stats = scheduler.am_stats.values
+    assert stats["prefix_hits"] == 8  # four pinned documents hit in each later round
+    assert stats["prefill_compactions"] == 10  # the other two are recomputed
 
 
 def test_a_zero_pin_share_keeps_plain_lru_order():

@@ -78,6 +78,7 @@ class Admission:
             state.prefix_key = self.store.prefix_key(request, state.layout, state.params.cache_key())
             state.lookup_hit = self._search(request, state)
             state.lookup_done = True
+            self.store.asked(state.lookup_hit[1] if state.lookup_hit else state.prefix_key)
         if state.lookup_hit is None:
             return None
         layout, key = state.lookup_hit

@@ -12,17 +12,21 @@ that changes the result, plus the model and the plugin version. Token-hash keys 
 bytes or less) and ours are longer and prefixed, so the two can never collide.
 
 Eviction order (see ``free_queue``): a compacted prefix replaces ~1/ratio raw blocks and a prefill plus a
-compaction, so it is worth far more per block than a raw cached block. The most recently used prefixes,
-up to ``pin_share`` of the pool, are *pinned*: they are reused only after every other free block. Past
-that share the least recently used pinned prefix goes back to plain LRU order, so a server that also
-serves plain requests keeps their prefix cache. A prefix that loses one block is useless: it is counted
-as evicted (``prefix_evictions``) and its other blocks are freed for reuse first.
+compaction, so it is worth far more per block than a raw cached block. Up to ``pin_share`` of the pool,
+prefixes are *pinned*: they are reused only after every other free block, so a server that also serves
+plain requests keeps their prefix cache beside them. Which prefixes hold the pins is decided like
+TinyLFU's admission: every request counts one ask for the prefix it wants (hit or miss; counts are halved
+now and then, so old fame fades), and a prefix that does not fit takes the pins of the least recently
+used ones only if it was asked more often than each of them. Plain LRU would thrash when documents are
+asked round-robin and their prefixes do not all fit: each one would push out the next one asked, and
+nothing would ever be hit. A prefix that loses one block is useless: it is counted as evicted
+(``prefix_evictions``) and its other blocks are freed for reuse first.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 
@@ -57,6 +61,10 @@ class CompactedPrefixStore:
         self._owner: dict[int, bytes] = {}  # block id -> prefix key
         self._pinned: OrderedDict[bytes, int] = OrderedDict()  # prefix key -> blocks; least recently used first
         self._pinned_blocks = 0
+        self._asks: Counter[bytes] = Counter()  # prefix key -> requests that asked for it (halved now and then)
+        self._asks_since_halving = 0
+        # Halving after this many asks bounds the counter and lets a new working set take over the pins.
+        self.halving_period = min(max(64, 4 * self.pin_budget), 16384)
 
     def prefix_key(self, request, layout: CompactionLayout, params_key: str) -> bytes | None:
         """Identity of the compacted prefix this request would produce, or None if its tokens are not
@@ -117,21 +125,41 @@ class CompactedPrefixStore:
             self._use(prefix_key)
         return blocks
 
+    def asked(self, prefix_key: bytes | None) -> None:
+        """A request wants this prefix (once per request, found or not): the frequency that decides which
+        prefixes hold the pins."""
+        if prefix_key is None:
+            return
+        self._asks[prefix_key] += 1
+        self._asks_since_halving += 1
+        if self._asks_since_halving >= self.halving_period:
+            self._asks = Counter({key: n // 2 for key, n in self._asks.items() if n // 2})
+            self._asks_since_halving = 0
+
     # -- pins and evictions ---------------------------------------------------------------------------
 
     def _use(self, prefix_key: bytes) -> None:
-        """Most recently used now: pin it, then unpin least recently used prefixes past the budget."""
+        """Most recently used now. Pin it if it fits, or if it was asked more often than every least
+        recently used pinned prefix whose pin it needs; otherwise it waits in plain LRU order."""
         if prefix_key in self._pinned:
             self._pinned.move_to_end(prefix_key)
             return
         blocks = self._stored[prefix_key]
         if len(blocks) > self.pin_budget:
             return
+        victims, room = [], self.pin_budget - self._pinned_blocks
+        for key, size in self._pinned.items():  # least recently used first
+            if room >= len(blocks):
+                break
+            victims.append(key)
+            room += size
+        if any(self._asks[key] >= self._asks[prefix_key] for key in victims):
+            return
+        for key in victims:
+            self._unpin(key)
         self._pinned[prefix_key] = len(blocks)
         self._pinned_blocks += len(blocks)
         self.queue.pin(blocks)
-        while self._pinned_blocks > self.pin_budget:
-            self._unpin(next(iter(self._pinned)))  # never prefix_key: it is the most recent and fits
 
     def _unpin(self, prefix_key: bytes) -> None:
         self._pinned_blocks -= self._pinned.pop(prefix_key)
