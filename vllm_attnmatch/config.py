@@ -210,7 +210,9 @@ class ServerConfig(BaseModel):
     # The step's budget when nothing else is scheduled (an idle batch): more layers than while busy, yet
     # a bounded chunk, so a request that arrives meanwhile is scheduled at the next step instead of
     # after the whole job (the default 8: about a quarter of a 30-layer model's compaction per step, so a
-    # newcomer waits at most that). Never below compaction_layers_per_step.
+    # newcomer waits at most that). Never below compaction_layers_per_step. Also the budget of a busy step
+    # when the next waiting request needs more blocks than are free: jobs free their raw blocks only when
+    # done, so under memory pressure finishing them sooner is what admits the waiting.
     idle_layers_per_step: int = Field(default=8, ge=1, le=4096)
     # Options forwarded to algorithms.compact(); names are the algorithm's. A plain key applies to every
     # method (e.g. {"max_queries": 512}); a method's own options go in its section, used only when a

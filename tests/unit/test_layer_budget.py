@@ -25,9 +25,9 @@ def layered_scheduler(engine_config, make_scheduler, monkeypatch):
     """``layered_scheduler(num_layers, **settings)``: the plugin's scheduler for a KV cache of
     ``num_layers`` layers with the given server settings."""
 
-    def make(num_layers: int, **settings):
+    def make(num_layers: int, num_blocks: int = 400, **settings):
         monkeypatch.setitem(engine_config.additional_config, "attnmatch", dict(settings))
-        return make_scheduler(400, num_layers=num_layers)
+        return make_scheduler(num_blocks, num_layers=num_layers)
 
     return make
 
@@ -89,3 +89,39 @@ def test_an_idle_batch_compacts_in_bounded_chunks_and_a_new_request_is_scheduled
         assert sum(plan.slices.values()) <= idle
     assert scheduler._am_requests["doc"].phase is CompactionPhase.APPLIED
     assert worker.layers_run == {"doc": layers}
+
+
+def test_jobs_get_the_idle_budget_while_a_waiting_request_needs_the_blocks_they_will_free(
+    layered_scheduler, make_request
+):
+    """Busy, but the pool is short: the request at the head of the queue needs more blocks than are free,
+    and the job in flight frees most of its raw blocks when it finishes. Held to one layer a step it would
+    keep them for every layer of the model; it gets the idle budget instead, and the waiting request is
+    admitted as soon as the job is done."""
+    layers, idle = 24, 8
+    scheduler = layered_scheduler(layers, num_blocks=20, idle_layers_per_step=idle)  # 19 usable
+    worker = StandInWorker(layers)
+    scheduler.add_request(make_request("neighbour", [3] * 20, max_tokens=200))  # keeps the batch busy
+    scheduler.add_request(make_request("doc", _document(0) + QUESTION, am_ratio=0.25))  # 9 raw blocks
+    _, first = worker.step(scheduler)
+    assert [job.req_id for job in first.jobs] == ["doc"]
+    scheduler.add_request(make_request("big", [5] * 150))  # 10 blocks: fits only once "doc" is compacted
+    steps = 0
+    while scheduler._am_requests["doc"].phase is not CompactionPhase.APPLIED:
+        output, plan = worker.step(scheduler)
+        steps += 1
+        assert "neighbour" in output.num_scheduled_tokens and "big" not in output.num_scheduled_tokens
+        assert plan.slices == {"doc": idle}
+    assert steps == layers // idle  # applied on the step its last layer runs: 3 steps, not 24
+    output, _ = worker.step(scheduler)
+    assert "big" in output.num_scheduled_tokens
+
+
+def test_with_room_for_the_waiting_request_a_busy_step_keeps_the_small_budget(layered_scheduler, make_request):
+    scheduler = layered_scheduler(24, num_blocks=60, idle_layers_per_step=8)
+    worker = StandInWorker(24)
+    scheduler.add_request(make_request("neighbour", [3] * 20, max_tokens=200))
+    scheduler.add_request(make_request("doc", _document(0) + QUESTION, am_ratio=0.25))
+    worker.step(scheduler)
+    output, plan = worker.step(scheduler)
+    assert "neighbour" in output.num_scheduled_tokens and plan.slices == {"doc": 1}

@@ -37,6 +37,7 @@ from vllm_attnmatch.contract.jobs import (
     CompactionJob,
     CompactionLayout,
     StepPlan,
+    cdiv,
 )
 from vllm_attnmatch.engine.admission import Admission
 from vllm_attnmatch.engine.allocation import DestinationAllocator
@@ -310,7 +311,8 @@ class AttnMatchScheduler(Scheduler):
                 plan.slices[req_id] = ALL_LAYERS
             return
         busy = output.total_num_scheduled_tokens > 0
-        budget = per_step if busy else max(per_step, self.attnmatch.idle_layers_per_step)
+        burst = not busy or self._short_of_memory()
+        budget = max(per_step, self.attnmatch.idle_layers_per_step) if burst else per_step
         for _, req_id, state in in_flight:
             if budget <= 0:
                 break
@@ -321,6 +323,17 @@ class AttnMatchScheduler(Scheduler):
             plan.slices[req_id] = count
             state.layers_planned += count
             budget -= count
+
+    def _short_of_memory(self) -> bool:
+        """Whether the next waiting request (new or preempted) needs more KV blocks than are free. Jobs in
+        flight hold their raw blocks until they finish and then free most of them, so under this pressure
+        they get the idle budget: a compaction done sooner admits a waiting request sooner, and one held
+        back keeps its raw blocks and drives vLLM to preempt."""
+        if not self.waiting:
+            return False
+        head = self.waiting.peek_request()
+        need = cdiv(head.num_tokens - head.num_computed_tokens, self.block_size)
+        return self.kv_cache_manager.block_pool.get_num_free_blocks() < need
 
     def _plan_online(self, output, plan: StepPlan, request, state: RequestCompaction) -> None:
         """Capture this request's queries (a bounded ring) and, at its ceiling, plan a re-compaction."""
