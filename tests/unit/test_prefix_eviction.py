@@ -171,6 +171,24 @@ def test_documents_asked_round_robin_that_do_not_all_fit_keep_most_of_their_pins
     assert stats["prefill_compactions"] == 10  # the other two are recomputed
 
 
+def test_when_a_prefill_needs_pinned_blocks_the_newest_of_the_least_asked_prefixes_goes_first(
+    make_scheduler, make_request, engine_config, monkeypatch
+):
+    """The served r = 0.25 workload's geometry (chunked prefills, keep_first 4 / keep_last 16; five
+    documents compact to 5 blocks, one to 4): the pins fill their 19 blocks, and a new document's prefill
+    and destination (22 blocks) need 3 of them. Handed out in queue order, the pins of the document asked
+    next go, every round (0 hits); unpinning the newest least-asked prefix first keeps the three others."""
+    monkeypatch.setitem(engine_config.additional_config, "attnmatch", {"keep_first": 4, "keep_last": 16})
+    monkeypatch.setattr(engine_config.scheduler_config, "max_num_batched_tokens", 4 * BLOCK)
+    scheduler = make_scheduler(num_blocks=40)
+    for round_ in range(3):
+        for d in range(6):
+            document = list(range(1000 + 1000 * d, 1000 + 1000 * d + (12 if d == 4 else 16) * BLOCK + 12))
+            request = make_request(f"doc{d}-q{round_}", document + [7 + round_] * 8, max_tokens=8, am_ratio=0.3)
+            _serve(scheduler, request)
+    assert scheduler.am_stats.values["prefix_hits"] == 6  # three documents hit in each later round
+
+
 def test_a_zero_pin_share_keeps_plain_lru_order():
     pool, store, _ = _store(pin_share=0.0)
     blocks = _publish(pool, store, b"a", 2)

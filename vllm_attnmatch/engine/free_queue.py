@@ -51,6 +51,9 @@ class PinnedLastFreeQueue:
         self.pinned: set[int] = set()
         self._in_kept: set[int] = set()
         self.on_pop: Callable[[list[KVCacheBlock]], None] | None = None
+        # Called with how many pinned blocks are about to be handed out (the main segment ran dry), so
+        # the owner can unpin the prefixes it values least first; what is still short comes from ``kept``.
+        self.on_short: Callable[[int], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -64,6 +67,11 @@ class PinnedLastFreeQueue:
     def popleft_n(self, n: int) -> list[KVCacheBlock]:
         take = min(n, self.main.num_free_blocks)
         blocks = self.main.popleft_n(take)
+        if n > take and self.on_short is not None:
+            self.on_short(n - take)
+            more = min(n - take, self.main.num_free_blocks)
+            blocks += self.main.popleft_n(more)
+            take += more
         if n > take:
             if n - take > self.kept.num_free_blocks:
                 raise ValueError("No free blocks available")

@@ -55,6 +55,7 @@ class CompactedPrefixStore:
             )
         self.queue = free_queue.install(block_pool)
         self.queue.on_pop = self._reused
+        self.queue.on_short = self._shed
         self.pin_budget = int(pin_share * (block_pool.num_gpu_blocks - 1))  # in blocks, minus the null block
         self.stats = stats  # a metrics.CompactionStats, or None
         self._stored: dict[bytes, list] = {}  # prefix key -> its blocks (KVCacheBlock), in prefix order
@@ -160,6 +161,17 @@ class CompactedPrefixStore:
         self._pinned[prefix_key] = len(blocks)
         self._pinned_blocks += len(blocks)
         self.queue.pin(blocks)
+
+    def _shed(self, num_blocks: int) -> None:
+        """The pool needs ``num_blocks`` pinned blocks: unpin the least asked prefixes until it has them,
+        the most recently pinned first among equals. With documents asked round-robin the newest one is
+        asked again last, so the pins the older ones hold keep paying (the oldest would be the very next
+        one asked: LRU here thrashes as it would at admission)."""
+        pinned_at = {key: i for i, key in enumerate(self._pinned)}
+        while num_blocks > 0 and self._pinned:
+            victim = min(self._pinned, key=lambda key: (self._asks[key], -pinned_at[key]))
+            num_blocks -= sum(1 for b in self._stored[victim] if b.block_id in self.queue._in_kept)
+            self._unpin(victim)
 
     def _unpin(self, prefix_key: bytes) -> None:
         self._pinned_blocks -= self._pinned.pop(prefix_key)
