@@ -78,6 +78,16 @@ def test_v2_model_runner_asked_for_is_refused(model_dir, monkeypatch):
     check_engine_args(_args(model_dir))
 
 
+def test_several_api_servers_are_refused(model_dir, monkeypatch):
+    """vLLM sets PROMETHEUS_MULTIPROC_DIR for --api-server-count > 1 before it builds the config; its
+    /metrics then reads a multi-process registry that our collector is not on."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/prometheus-multiproc")
+    with _refused("--api-server-count"):
+        check_engine_args(_args(model_dir))
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    check_engine_args(_args(model_dir))
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"dtype": "float32", "tensor_parallel_size": 3}]
 )

@@ -57,6 +57,12 @@ def check_engine_args(args: Any) -> None:
                "the physical-slot bookkeeping lives in the V1 model runner; unset it or set it to 0")
     if getattr(args, "enable_prompt_embeds", False):
         refuse("--enable-prompt-embeds", True, "compaction reads the request's prompt token ids")
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Set by vLLM for --api-server-count > 1 (before the config is built) or by the user: /metrics is
+        # then served from a multi-process registry that never sees the plugin's collector.
+        refuse("--api-server-count", "> 1 (PROMETHEUS_MULTIPROC_DIR is set)",
+               "the vllm_attnmatch_* metrics would vanish from /metrics; run one API server "
+               "(and leave PROMETHEUS_MULTIPROC_DIR unset)")
 
 
 _KV_CONNECTOR_WHY = "KV connectors would move compacted blocks as if they held one token per slot"
