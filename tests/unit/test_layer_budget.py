@@ -125,3 +125,28 @@ def test_with_room_for_the_waiting_request_a_busy_step_keeps_the_small_budget(la
     worker.step(scheduler)
     output, plan = worker.step(scheduler)
     assert "neighbour" in output.num_scheduled_tokens and plan.slices == {"doc": 1}
+
+
+def test_a_job_short_of_destination_blocks_waits_for_the_jobs_in_flight_instead_of_being_skipped(
+    layered_scheduler, make_request
+):
+    """Two documents prefilled in one step fill the pool: the first job takes the last destination blocks,
+    the second finds none. Skipped, it would keep its whole raw prompt for the rest of its life; it waits,
+    held out of the batch with its captured queries, and ships once the first job has freed its raw
+    blocks."""
+    layers = 4
+    scheduler = layered_scheduler(layers, num_blocks=20)  # 19 usable
+    worker = StandInWorker(layers)
+    for i in range(2):  # 8 blocks of document each, then 2 destination blocks each: 20 > 19
+        scheduler.add_request(make_request(f"doc{i}", _document(i) + QUESTION, am_ratio=0.25))
+    _, first = worker.step(scheduler)
+    assert [job.req_id for job in first.jobs] == ["doc0"]
+    assert scheduler._am_requests["doc1"].prefilling  # not skipped: it waits
+    shipped = {}
+    for step in range(1, 12):
+        output, plan = worker.step(scheduler)
+        assert "doc1" not in output.num_scheduled_tokens or not scheduler._am_requests["doc1"].prefilling
+        shipped.update({job.req_id: step for job in plan.jobs})
+    assert "doc1" in shipped
+    stats = scheduler.am_stats.values
+    assert stats["skipped"] == 0 and stats["prefill_compactions"] == 2

@@ -8,7 +8,8 @@ allocates or registers blocks past the point where the request compacts:
 - a prompt that compacts stops at its span's end, so the rest of the prompt is prefilled over the
   compacted prefix (exactly what a later request reusing the stored prefix computes);
 - an online request stops at its KV ceiling (logical = ceiling + offset);
-- a request whose compaction is in flight is not scheduled at all (0 tokens) until the job is booked.
+- a request whose compaction is in flight is not scheduled at all (0 tokens) until the job is booked,
+  nor one whose job waits for destination blocks.
 
 No vLLM import: the scheduler calls :func:`clamp_new_tokens` from its hook.
 """
@@ -31,7 +32,7 @@ def stop_position(state: RequestCompaction, offset: int) -> int | None:
 
 def clamp_new_tokens(state: RequestCompaction, num_computed_tokens: int, num_new_tokens: int, offset: int) -> int:
     """``num_new_tokens`` for this step, cut at the request's stop position (0 while a job is in flight)."""
-    if state.phase is CompactionPhase.IN_FLIGHT:
+    if state.phase is CompactionPhase.IN_FLIGHT or state.awaiting_blocks:
         return 0
     stop = stop_position(state, offset)
     if stop is None or num_computed_tokens >= stop:

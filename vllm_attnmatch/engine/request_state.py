@@ -14,6 +14,10 @@ refuses the ones not listed in ``_ALLOWED``. No vLLM import.
     WATCHING ──ceiling──▶ IN_FLIGHT ──ok──▶ WATCHING
         └──limit / nothing to compact / failure──▶ STOPPED
 
+Short of destination blocks while other jobs are in flight, a PREFILLING request stays PREFILLING with
+``awaiting_blocks`` set (held out of the batch, retried each step) instead of being SKIPPED: those jobs
+free most of their raw blocks when they finish.
+
 A preemption sends any phase back to its start phase (``PREFILLING`` if the prompt compacts,
 ``WATCHING`` otherwise): the compaction died with the blocks.
 """
@@ -74,6 +78,9 @@ class RequestCompaction:
     lookup_counted: bool = False  # the hit or miss of this life is in the counters
     online_count: int = 0  # online compactions applied so far (all lives)
     online_retry_at: int = 0  # physical length at which to retry after a lack of free blocks
+    # Prefilled to its span's end, its job waits for destination blocks that jobs in flight will free:
+    # held out of the batch (0 tokens) and retried each step, its captured queries kept.
+    awaiting_blocks: bool = False
     peak_physical: int = 0  # most KV entries the request held after any step (reported at the end)
 
     def __post_init__(self) -> None:
@@ -92,6 +99,7 @@ class RequestCompaction:
         if to not in _ALLOWED[self.phase]:
             raise IllegalTransition(f"compaction phase {self.phase.value} -> {to.value}")
         self.phase = to
+        self.awaiting_blocks = False
         if to is not CompactionPhase.IN_FLIGHT:
             self.job = None
             self.dst_holder = None
@@ -117,6 +125,7 @@ class RequestCompaction:
         self.lookup_hit = None
         self.lookup_counted = False
         self.online_retry_at = 0  # a retry point of the old life's physical length means nothing now
+        self.awaiting_blocks = False
 
     @property
     def in_flight(self) -> bool:

@@ -207,6 +207,7 @@ class AttnMatchScheduler(Scheduler):
         plan = StepPlan(swaps=self._am_swaps, preserve_bias=self._held_hits(output), cancel=self._am_cancel)
         self._am_swaps, self._am_hits, self._am_cancel = {}, {}, []
         self._plan_slices(output, plan)
+        self._retry_awaiting(plan)
         self._release_captures()
         for req_id in list(output.num_scheduled_tokens):
             state = self._am_requests.get(req_id)
@@ -230,6 +231,12 @@ class AttnMatchScheduler(Scheduler):
         if not plan.is_empty:
             setattr(output, SCHEDULER_OUTPUT_ATTR, plan)
         return output
+
+    def _retry_awaiting(self, plan: StepPlan) -> None:
+        """Ship the jobs that waited for destination blocks, oldest request first, as blocks come free."""
+        for req_id, state in list(self._am_requests.items()):
+            if state.awaiting_blocks and state.prefilling:
+                self._plan_job(self.requests[req_id], state, state.layout, plan)
 
     def _held_hits(self, output) -> dict[str, tuple[int, ...]]:
         """The compacted-prefix blocks whose β survives this step: only those a request *scheduled in
@@ -357,6 +364,11 @@ class AttnMatchScheduler(Scheduler):
         # What other in-flight prefills still need (this request's own need shrinks when it compacts).
         reserved = sum(self._request_remaining_blocks(r) for r in self._inflight_prefills if r is not request)
         held = self._am_allocator.reserve(req_id, layout.physical_len, reserved)
+        if held is None and not layout.online and any(s.in_flight for s in self._am_requests.values()):
+            # Jobs in flight free most of their raw blocks when they finish: wait for them rather than
+            # keep this request's whole raw prompt for the rest of its life.
+            state.awaiting_blocks = True
+            return None
         if held is None:
             self._am_booking.skip(req_id, state, "no free blocks for compaction")
             self.am_reports.no_free_blocks(req_id, layout.online)
@@ -445,8 +457,8 @@ class AttnMatchScheduler(Scheduler):
         self._am_capture.release(request.request_id)
         if state is not None:
             self._am_booking.cancel(state)
-            if state.in_flight:
-                self._am_cancel.append(request.request_id)
+            if state.in_flight or state.awaiting_blocks:
+                self._am_cancel.append(request.request_id)  # the workers drop its job or its captured queries
             if state.online and self.attnmatch.log_compactions:
                 logger.info(
                     "request %s finished: %d tokens, KV ceiling %d, peak KV entries %d, %d online compactions",

@@ -38,7 +38,7 @@ COUNTERS: dict[str, str] = {
     "prefill_compactions": "Compactions of a prompt prefix right after its prefill",
     "online_compactions": "Re-compactions of a request whose KV reached its ceiling (am_max_kv_tokens)",
     "failures": "Compactions that failed; the request was served uncompacted",
-    "skipped": "Compactions not attempted (prompt too short or no free blocks); served uncompacted",
+    "skipped": "Compactions not attempted (prompt too short, or no free blocks and no compaction in flight to free some); served uncompacted",
     "tokens_before": "KV entries of compacted requests before compaction",
     "tokens_after": "KV entries of compacted requests after compaction",
     "compaction_seconds": "Seconds spent compacting (worker side)",
