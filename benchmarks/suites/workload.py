@@ -202,19 +202,24 @@ def run(cfg: Config, servers: Servers, progress) -> dict:
             "--enable-prefix-caching")
     max_len = (cfg.pool_blocks - 1) * 128
     plugin_config = json.dumps({"attnmatch": {**PLUGIN["attnmatch"], "preset": cfg.preset}})
-    specs = {"stock": ServerSpec(f"workload-stock-{cfg.pool_blocks}", None, args, max_model_len=max_len),
-             "plugin": ServerSpec(f"workload-plugin-{cfg.pool_blocks}", plugin_config, args, max_model_len=max_len)}
+    stock = ServerSpec(f"workload-stock-{cfg.pool_blocks}", None, args, max_model_len=max_len)
     salt = time.strftime("%H%M%S")
     rows: list[dict] = []
-    for server, spec in specs.items():
+    # Stock first; then each plugin mode on a fresh plugin server, so that the compacted prefixes one mode
+    # stored (and how often they were asked, which decides the pins) never help or hinder the next mode.
+    runs = [("stock", stock, workload, "stock", None) for workload in chosen]
+    for mode in dict.fromkeys(m for _, _, modes in chosen.values() for m in modes):
+        spec = ServerSpec(f"workload-plugin-{cfg.pool_blocks}-{mode.replace(' ', '-')}", plugin_config, args,
+                          max_model_len=max_len)
+        runs += [("plugin", spec, workload, mode, modes[mode]) for workload, (_, _, modes) in chosen.items()
+                 if mode in modes]
+    for _, spec, workload, mode, xargs in runs:
         endpoint = servers.get(spec)
         total = endpoint.num_blocks() or cfg.pool_blocks
-        for workload, (_, at_once, modes) in chosen.items():
-            for mode, xargs in ({"stock": None} if server == "stock" else modes).items():
-                progress.set_postfix_str(f"{workload}: {mode}")
-                row = run_mode(endpoint, jobs[workload], at_once, xargs, f"{salt}-{mode}", total)
-                rows.append({"workload": workload, "mode": mode, "xargs": xargs, **row})
-                progress.update()
+        progress.set_postfix_str(f"{workload}: {mode}")
+        row = run_mode(endpoint, jobs[workload], chosen[workload][1], xargs, f"{salt}-{mode}", total)
+        rows.append({"workload": workload, "mode": mode, "xargs": xargs, **row})
+        progress.update()
     for row in rows:
         reference = next(r for r in rows if r["workload"] == row["workload"] and r["mode"] == "stock")
         row.update(closeness(row, reference, jobs[row["workload"]]))
