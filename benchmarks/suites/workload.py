@@ -207,13 +207,12 @@ def run(cfg: Config, servers: Servers, progress) -> dict:
     rows: list[dict] = []
     # Stock first; then each plugin mode on a fresh plugin server, so that the compacted prefixes one mode
     # stored (and how often they were asked, which decides the pins) never help or hinder the next mode.
-    runs = [("stock", stock, workload, "stock", None) for workload in chosen]
+    runs = [(stock, workload, "stock", None) for workload in chosen]
     for mode in dict.fromkeys(m for _, _, modes in chosen.values() for m in modes):
         spec = ServerSpec(f"workload-plugin-{cfg.pool_blocks}-{mode.replace(' ', '-')}", plugin_config, args,
                           max_model_len=max_len)
-        runs += [("plugin", spec, workload, mode, modes[mode]) for workload, (_, _, modes) in chosen.items()
-                 if mode in modes]
-    for _, spec, workload, mode, xargs in runs:
+        runs += [(spec, workload, mode, modes[mode]) for workload, (_, _, modes) in chosen.items() if mode in modes]
+    for spec, workload, mode, xargs in runs:
         endpoint = servers.get(spec)
         total = endpoint.num_blocks() or cfg.pool_blocks
         progress.set_postfix_str(f"{workload}: {mode}")

@@ -130,6 +130,10 @@ class PinnedLastFreeQueue:
                 self.remove(block)
                 self.main.append(block)
 
+    def num_kept_free(self, blocks: Iterable[KVCacheBlock]) -> int:
+        """How many of ``blocks`` wait free in the kept segment (what unpinning them gives the main one)."""
+        return sum(1 for block in blocks if block.block_id in self._in_kept)
+
     def _split(self, blocks: list[KVCacheBlock]) -> tuple[list[KVCacheBlock], list[KVCacheBlock]]:
         if not self.pinned:
             return blocks, []

@@ -168,9 +168,10 @@ class CompactedPrefixStore:
         asked again last, so the pins the older ones hold keep paying (the oldest would be the very next
         one asked: LRU here thrashes as it would at admission)."""
         pinned_at = {key: i for i, key in enumerate(self._pinned)}
-        while num_blocks > 0 and self._pinned:
-            victim = min(self._pinned, key=lambda key: (self._asks[key], -pinned_at[key]))
-            num_blocks -= sum(1 for b in self._stored[victim] if b.block_id in self.queue._in_kept)
+        for victim in sorted(self._pinned, key=lambda key: (self._asks[key], -pinned_at[key])):
+            if num_blocks <= 0:
+                break
+            num_blocks -= self.queue.num_kept_free(self._stored[victim])
             self._unpin(victim)
 
     def _unpin(self, prefix_key: bytes) -> None:
