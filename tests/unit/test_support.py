@@ -78,10 +78,10 @@ def test_v2_model_runner_asked_for_is_refused(model_dir, monkeypatch):
     check_engine_args(_args(model_dir))
 
 
-def test_several_api_servers_are_refused(model_dir, monkeypatch):
+def test_several_api_servers_are_refused(model_dir, monkeypatch, tmp_path):
     """vLLM sets PROMETHEUS_MULTIPROC_DIR for --api-server-count > 1 before it builds the config; its
     /metrics then reads a multi-process registry that our collector is not on."""
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/prometheus-multiproc")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     with _refused("--api-server-count"):
         check_engine_args(_args(model_dir))
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
