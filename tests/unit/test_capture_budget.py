@@ -119,3 +119,24 @@ def test_an_online_ring_reserves_no_more_rows_than_its_request_can_have(budget_s
     assert peak == 8 * 480 * ROW_BYTES
     assert scheduler.am_stats.values.get("capture_refused", 0) == 0
     assert not any("capture budget" in (r.reason or "") for r in _reports(scheduler, online).values())
+
+
+def test_a_request_refused_again_after_a_preemption_is_counted_once(budget_scheduler, make_request):
+    """``capture_refused`` counts requests: one refused, preempted and refused again in its next life is
+    one request served uncompacted, not two."""
+    scheduler = budget_scheduler(10)  # one prompt capture at a time
+    first = make_request("first", list(range(1000, 1000 + PROMPT)), am_ratio=0.25)
+    second = make_request("second", list(range(3000, 3000 + PROMPT)), am_ratio=0.25)
+    worker = StandInWorker()
+    for request in (first, second):
+        scheduler.add_request(request)
+    worker.step(scheduler)
+    assert scheduler.am_stats.values["capture_refused"] == 1  # "second" did not fit beside "first"
+    scheduler.reset_prefix_cache(reset_running_requests=True)  # vLLM preempts both: each starts a new life
+    for _ in range(200):
+        if first.is_finished() and second.is_finished():
+            break
+        worker.step(scheduler)
+    statuses = {k: r.status for k, r in _reports(scheduler, [first, second]).items()}
+    assert statuses == {"first": COMPACTED, "second": NOT_COMPACTED}
+    assert scheduler.am_stats.values["capture_refused"] == 1

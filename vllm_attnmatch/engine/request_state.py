@@ -81,6 +81,7 @@ class RequestCompaction:
     # Prefilled to its span's end, its job waits for destination blocks that jobs in flight will free:
     # held out of the batch (0 tokens) and retried each step, its captured queries kept.
     awaiting_blocks: bool = False
+    capture_refused: bool = False  # refused its capture in some life: counted once, however often refused
     peak_physical: int = 0  # most KV entries the request held after any step (reported at the end)
 
     def __post_init__(self) -> None:

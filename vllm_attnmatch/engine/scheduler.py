@@ -277,7 +277,9 @@ class AttnMatchScheduler(Scheduler):
         if self._am_capture.reserve(req_id, kind, rows):
             return True
         reason = self._am_capture.exhausted_reason(rows)
-        self.am_stats.add("capture_refused")
+        if not state.capture_refused:  # a request, not an attempt: a preempted one refused again counts once
+            state.capture_refused = True
+            self.am_stats.add("capture_refused")
         if kind == PREFILL:
             self._am_booking.skip(req_id, state, reason)  # an online request then watches its ceiling
         else:

@@ -48,7 +48,7 @@ COUNTERS: dict[str, str] = {
     "prefix_misses": "Compacting requests that found no reusable compacted prefix",
     "prefix_evictions": "Stored compacted prefixes evicted from the KV pool (a block reused for other KV)",
     "prefill_tokens_saved": "Prompt tokens not prefilled thanks to compacted-prefix hits",
-    "capture_refused": "Compactions not attempted: their captured queries did not fit in capture_budget_mib",
+    "capture_refused": "Requests whose compaction was not attempted (counted once each): their captured queries did not fit in capture_budget_mib",
 }
 
 #: gauge name -> help text (exported as ``vllm_attnmatch_<name>``; summed over engines)
