@@ -86,6 +86,20 @@ CELLS: dict[str, Cell | None] = {
     "kvzip_study": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_study"),
     "kvzip_study_fit": Cell("highest_attention", "repeat", {"recent": 0.0, "query_gap": 0}, scores="kvzip_study"),
     "omp_rep": Cell("omp", "repeat", {"recent": 0.1, "max_queries": 1024, "query_gap": 0}),
+    # One selection shared by heads (and layers), so a fact is kept everywhere or nowhere
+    # (recall_dev_global: run as variants layer, g_mean, g_rank, g_max, g_mean_pool5).
+    "kvzip_shared_layer": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_layer"),
+    "kvzip_shared_mean": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_global_mean"),
+    "kvzip_shared_rank": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_global_rank"),
+    "kvzip_shared_max": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_global_max"),
+    "kvzip_shared_mean_pool5": Cell("highest_attention", "repeat", {"recent": 0.0, "pool": 5, **NO_FIT},
+                                    scores="kvzip_global_mean"),
+    # KVzip, then the document re-read over that cache: the tokens it fails to reproduce (largest loss) take
+    # a share of the budget in every layer and head (recall_dev_check: run as variants check25, check50, check50w2).
+    "kvzip_reread_check25": Cell("highest_attention", "repeat", {"recent": 0.0, "check_share": 0.25, **NO_FIT},
+                                 scores="check"),
+    "kvzip_reread_check50": Cell("highest_attention", "repeat", {"recent": 0.0, "check_share": 0.5, **NO_FIT},
+                                 scores="check"),
 }
 
 
@@ -95,6 +109,7 @@ class Document:
     def __init__(self, model: ReferenceLlama, tok, task: tasks.Task, need_repeat: bool, need_study: bool = False):
         self.task = task
         self.model = model
+        self.tok = tok
         self.ids = tok(task.document, add_special_tokens=False)["input_ids"]
         self.T = len(self.ids)
         H = model.num_kv_heads
@@ -142,10 +157,18 @@ class Document:
         t = budget(self.T, ratio=ratio)
         out, secs = [], 0.0
         kpos = torch.arange(self.T)
+        check = None
+        if cell.scores and cell.scores.startswith("check"):
+            t0 = time.perf_counter()
+            check = self.reconstruction_misses(ratio, t, cell.options.get("check_share", 0.5),
+                                               cell.options.get("check_width", 1))
+            secs += time.perf_counter() - t0
         for layer, kv in enumerate(self.cache):
             q, qpos = self.queries[cell.source][layer]
-            opts = dict(cell.options)
-            if cell.scores:
+            opts = {k: v for k, v in cell.options.items() if not k.startswith("check_")}
+            if check is not None:
+                opts["key_scores"] = self.kvzip[layer] + check
+            elif cell.scores:
                 opts["key_scores"] = self.key_scores(cell.scores, layer)
             t0 = time.perf_counter()
             r = compact(kv.keys, kv.values, q, t, cell.method, query_positions=qpos, key_positions=kpos, **opts)
@@ -155,7 +178,8 @@ class Document:
 
     def key_scores(self, kind: str, layer: int) -> torch.Tensor:
         """``kvzip``: reconstruction score; ``surprisal``: first-read surprisal (the same for every head);
-        ``kvzip_surprisal``: their product (copied *and* unpredictable: what only the cache can supply)."""
+        ``kvzip_surprisal``: their product (copied *and* unpredictable: what only the cache can supply);
+        ``kvzip_layer`` / ``kvzip_global_*``: one KVzip-based score shared by a layer's heads / by everything."""
         H = self.model.num_kv_heads
         s = self.surprisal.expand(H, -1)
         if kind == "kvzip":
@@ -168,7 +192,36 @@ class Document:
             return torch.maximum(self.kvzip[layer], self.study[layer])
         if kind == "kvzip_surprisal":
             return self.kvzip[layer] * (1.0 + s)
+        if kind == "kvzip_layer":  # one selection for every head of a layer: its heads' largest score
+            return self.kvzip[layer].amax(0, keepdim=True).expand(H, -1)
+        if kind in ("kvzip_global_mean", "kvzip_global_rank", "kvzip_global_max"):
+            return self.global_scores(kind).expand(H, -1)
         raise ValueError(f"unknown key score {kind!r}")
+
+    def reconstruction_misses(self, ratio: float, t: int, share: float, width: int) -> torch.Tensor:
+        """``(T,)`` bonus for the tokens a KVzip-compacted cache fails to reproduce when the document is
+        re-read over it: the top ``share`` of the budget by re-read loss, kept in every layer and head."""
+        first, _ = self.compacted(CELLS["kvzip"], ratio)
+        prompt = self.tok(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
+        logits = self.model.forward(prompt + self.ids, first, self.T)
+        P = len(prompt)
+        logp = torch.log_softmax(logits[P - 1:P - 1 + self.T].float(), -1)
+        nll = -logp.gather(1, torch.tensor(self.ids)[:, None]).squeeze(1)
+        m = max(1, int(share * t))
+        bonus = torch.zeros(self.T)
+        for p in torch.topk(nll, min(m, self.T)).indices.tolist():
+            bonus[max(0, p - width + 1):p + 1] = 1e3
+        self.check_nll = nll
+        return bonus
+
+    def global_scores(self, kind: str) -> torch.Tensor:
+        """``(T,)`` one score for every layer and head, so a token is kept everywhere or nowhere."""
+        every = torch.stack(self.kvzip)  # (layers, H, T)
+        if kind == "kvzip_global_max":
+            return every.amax((0, 1))
+        if kind == "kvzip_global_rank":  # each head's ranks, so no head's scale decides alone
+            every = every.argsort(-1).argsort(-1).float() / every.shape[-1]
+        return every.mean((0, 1))
 
     def answer(self, cache: list[LayerKV], tok) -> list[str]:
         """Greedy answers to every question, batched over one copy of ``cache``."""
