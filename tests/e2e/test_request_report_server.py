@@ -151,3 +151,28 @@ def test_an_unknown_id_is_a_404_that_says_which_id_to_pass(plugin_server):
     assert err.value.status_code == 404
     message = err.value.body["message"]
     assert "no attnmatch report for id 'cmpl-does-not-exist'" in message and "'id' of a completion" in message
+
+
+def test_a_chosen_id_is_answered_only_to_the_credentials_it_was_sent_with(plugin_server):
+    """Header- or body-chosen ids are not secrets: their reports go to the same Authorization only; any
+    other caller gets the 404 of an unknown id."""
+    from openai import OpenAI
+
+    alice, bob = (OpenAI(base_url=plugin_server.url + "/v1", api_key=key, max_retries=0) for key in ("alice", "bob"))
+    header = f"scoped-{uuid.uuid4().hex[:8]}"
+    reply = alice.completions.create(
+        model="smollm2", prompt="The quick brown fox", max_tokens=2, temperature=0,
+        extra_headers={"X-Request-Id": header}, extra_body={"vllm_xargs": {"am_ratio": 0.1}},
+    )
+    chosen = f"scoped-body-{uuid.uuid4().hex[:8]}"
+    chat = alice.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=2, temperature=0,
+        extra_body={"request_id": chosen, "vllm_xargs": {"am_ratio": 0.1}},
+    )
+    assert (reply.id, chat.id) == (f"cmpl-{header}", f"chatcmpl-{chosen}")
+    for response_id in (reply.id, chat.id):
+        body = alice.get(f"/attnmatch/requests/{response_id}", cast_to=object)
+        assert body["data"][0]["status"] == "not_compacted"  # too short, but asked
+        with pytest.raises(openai.NotFoundError) as err:
+            bob.get(f"/attnmatch/requests/{response_id}", cast_to=object)
+        assert f"no attnmatch report for id {response_id!r}" in err.value.body["message"]

@@ -15,18 +15,24 @@ The reports themselves come from EngineCore through files (:mod:`vllm_attnmatch.
   are not recorded at all, so the answer cannot tell them from unknown ids); and for a bare ``X-Request-Id``
   (only its response form ``cmpl-<id>`` / ``chatcmpl-<id>`` is answered);
 - 409 when the id names requests of more than one submission (a client-chosen ``X-Request-Id`` reused):
-  nobody reads another client's report.
+  nobody reads another client's report;
+- for an id the client chose (``X-Request-Id`` or the body's ``request_id``), the 404 of an unknown id to a
+  caller whose ``Authorization`` header differs from the one the request was sent with
+  (:mod:`vllm_attnmatch.ipc.report_scope`; recorded by :class:`ChosenIdScopes`, a middleware of the same app).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from argparse import Namespace
 from typing import Any
 
+from fastapi import Request
 from vllm.logger import init_logger
 
 from vllm_attnmatch.ipc.report import MAX_REPORTS, AmbiguousId, find_reports
+from vllm_attnmatch.ipc.report_scope import ScopeRecorder, may_read
 
 logger = init_logger("vllm.attnmatch.report")
 
@@ -74,7 +80,9 @@ class AttnMatchReportsEndpoint:
 
         # A plain ``def``: FastAPI runs it in its thread pool, so reading the files never blocks the loop.
         @router.get(ROUTE, summary="What vllm-attnmatch did to one request (compacted or why not, T -> t)")
-        def get_request_report(request_id: str):
+        def get_request_report(request_id: str, request: Request):
+            if not may_read(request_id, request.headers.get("authorization")):
+                return _error(not_found_message(request_id), 404)
             try:
                 reports = find_reports(request_id)
             except AmbiguousId:
@@ -84,9 +92,60 @@ class AttnMatchReportsEndpoint:
             return report_body(request_id, reports)
 
         app.include_router(router)
+        app.add_middleware(ChosenIdScopes)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         return None
+
+
+#: Body size up to which a completion request without ``X-Request-Id`` is read for a chosen ``request_id``.
+MAX_SCANNED_BODY = 64 << 20
+
+
+class ChosenIdScopes:
+    """ASGI middleware: records the credential scope of every completion / chat request whose id the
+    client chose (the ``X-Request-Id`` header, which vLLM prefers, or else the body's ``request_id``),
+    before the request reaches vLLM, so its report is never readable without the same credentials. It
+    reads the body as it passes (unchanged) only when there is no header and the body names a
+    ``request_id``; other requests pass untouched."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.scopes = ScopeRecorder()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("completions"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        chosen = headers.get(b"x-request-id")
+        if chosen is not None:
+            self.scopes.record(chosen.decode("latin-1"), authorization)
+            return await self.app(scope, receive, send)
+        chunks: list[bytes] = []
+        size = 0
+
+        async def receive_and_scan():
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request" and size <= MAX_SCANNED_BODY:
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if not message.get("more_body", False):
+                    self._record_body_id(b"".join(chunks), authorization)
+            return message
+
+        return await self.app(scope, receive_and_scan, send)
+
+    def _record_body_id(self, body: bytes, authorization: str | None) -> None:
+        if b'"request_id"' not in body:
+            return
+        try:
+            chosen = json.loads(body).get("request_id")
+        except (ValueError, AttributeError):
+            return  # vLLM answers a malformed body itself
+        if isinstance(chosen, str):
+            self.scopes.record(chosen, authorization)
 
 
 _install_lock = threading.Lock()
