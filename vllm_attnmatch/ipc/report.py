@@ -12,7 +12,8 @@ and every ``n`` sample of that response. ``<base>`` is random unless the client 
 such a client-chosen id is answered only in its response form (``cmpl-mine``, not ``mine``) and only while
 it names a single submission: once another request reuses it (the same prompt slot under two of vLLM's
 random suffixes), :func:`find_reports` raises :class:`AmbiguousId` for it and neither client reads the
-other's report (HTTP 409). Knowing a response id is what grants access, as for the response itself.
+other's report (HTTP 409). Knowing a random response id is what grants access, as for the response
+itself; a chosen id is also scoped to the credentials it was sent with (:mod:`.report_scope`).
 
 Which requests have one. Only requests that asked for compaction (``am_*`` keys, or a server preset that
 compacts by default) are recorded: a plain request costs no memory and no write, and its id is a 404.
