@@ -12,7 +12,9 @@ each client reads only its own chosen ids.
 
 The records are one small file per chosen id, ``scopes-<run>/<sha256>``, in the run's private directory
 (any API-server process can check them); each process keeps at most :data:`MAX_SCOPES` of the files it
-wrote and deletes the oldest beyond that, so their number is bounded like the reports'.
+wrote and deletes the oldest beyond that, so their number is bounded like the reports'. The check fails
+closed: an id without a record is answered only if it has the form of vLLM's random ids, so pushing a
+victim's record out with many chosen ids of one's own opens nothing.
 
 No vLLM import.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -31,6 +34,8 @@ from vllm_attnmatch.ipc.metrics import STATS_DIR_ENV, atomic_write, run_id
 #: Chosen ids whose scope each API-server process keeps (oldest forgotten first); several times the
 #: reports an engine keeps, so a scope outlives the report it guards.
 MAX_SCOPES = 16384
+#: vLLM's own random base ids (``vllm.utils.random_uuid``: 64 random bits in 16 hex digits).
+RANDOM_BASE_ID = re.compile(r"[0-9a-f]{16}")
 #: Response-id prefixes vLLM puts before the base id.
 RESPONSE_PREFIXES = ("chatcmpl-", "cmpl-")
 
@@ -92,5 +97,7 @@ def may_read(response_id: str, authorization: str | None, directory: str | Path 
     try:
         stored = _scope_file(directory, run, base).read_text(encoding="utf-8")
     except OSError:
-        return True  # not a chosen id (or its scope long forgotten, with its report)
+        # No record: an id of vLLM's random form is its own secret; any other was chosen and its scope is
+        # gone (pushed out by newer chosen ids), so it is refused rather than answered to anyone.
+        return RANDOM_BASE_ID.fullmatch(base) is not None
     return hmac.compare_digest(stored, credential_scope(authorization))
