@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from vllm_attnmatch.algorithms import compact
-from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
+from vllm_attnmatch.algorithms.kvzip import reconstruction_scores, reconstruction_scores_from_lse
 
 D = 8
 
@@ -71,3 +71,17 @@ def test_compact_selects_by_given_key_scores_and_still_fits():
     plain = compact(K, V, Q, 8, "highest_attention", recent=0.0, sinks=4, causal=False)
     assert not torch.equal(plain.indices, r.indices)  # the scores, not the queries, chose
     assert torch.isfinite(r.beta).all() and torch.isfinite(r.values).all()
+
+
+def test_the_score_from_each_querys_log_sum_exp_equals_the_full_softmax_score():
+    """Queries after the block (a repetition): exp(max_q (q·k - lse_q)) is the largest softmax weight."""
+    g = torch.Generator().manual_seed(1)
+    H, T, extra, n = 2, 30, 20, 50
+    K = torch.randn(H, T + extra, D, generator=g) * 2
+    Q = torch.randn(H, n, D, generator=g) * 2
+    pos = T + torch.randint(0, extra, (n,), generator=g)  # each query sees the block and part of the rest
+    logits = (Q @ K.transpose(1, 2)).masked_fill(torch.arange(T + extra)[None, None] > pos[None, :, None], float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    expected = reconstruction_scores(Q, K, pos, block_len=T, scale=1.0)
+    got = reconstruction_scores_from_lse(Q, K[:, :T], lse, scale=1.0, chunk=16)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)

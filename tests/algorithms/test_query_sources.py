@@ -40,7 +40,10 @@ def test_repeat_source_scores_each_context_key_by_its_largest_attention_over_the
     model, tok, ids, cache = setup
     prompt = tok("\nRepeat the previous context verbatim.\n", add_special_tokens=False)["input_ids"]
     made = repeat_queries(model, cache, ids, prompt, max_tokens=40, key_scores=True)
-    assert "key_scores" not in repeat_queries(model, cache, ids, prompt, max_tokens=40).info
+    plain = repeat_queries(model, cache, ids, prompt, max_tokens=40)
+    assert "key_scores" not in plain.info
+    # Scoring asks the attention kernel for each query's log-sum-exp: the pass itself is unchanged.
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(made.queries, plain.queries))
     seq = ids + prompt + ids[:40]
     _, whole_cache, whole = model.prefill(seq)
     start = len(ids) + len(prompt)

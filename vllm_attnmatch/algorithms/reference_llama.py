@@ -107,7 +107,7 @@ class ReferenceLlama:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, past: LayerKV | None):
+    def _layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, past: LayerKV | None, want_lse: bool = False):
         p = f"model.layers.{i}."
         w = self.w
         n = h.shape[0]
@@ -138,20 +138,40 @@ class ReferenceLlama:
             mask = mask.repeat_interleave(g, dim=0)[None]
         else:
             mask = visible[None, None]  # no β: one boolean mask shared by every head
-        # Batched 4-D inputs with grouped heads: torch's fused CPU kernel instead of the math path, which
-        # materialised (H_q, n, L) scores (a 2k-token re-read over a 2k cache: 560 -> 115 ms a layer).
-        attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                                              scale=self.scale, enable_gqa=True)[0]
+        lse = None
+        if want_lse and h.device.type != "cpu":
+            logits = torch.matmul(q.transpose(0, 1).float(), keys.repeat_interleave(g, 0).float().transpose(1, 2))
+            logits = logits * self.scale + (mask[0] if mask.dtype != torch.bool else
+                                            torch.zeros(mask.shape[-2:], device=h.device).masked_fill(~mask[0, 0], float("-inf")))
+            lse = torch.logsumexp(logits, -1)
+            attn = torch.matmul(torch.softmax(logits, -1), values.repeat_interleave(g, 0).float()).to(h.dtype)
+        elif want_lse:
+            # The fused CPU kernel called directly also returns each query's log-sum-exp (what KVzip's score
+            # needs); it wants every query head's keys and a float mask.
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+            attn, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.transpose(0, 1)[None], keys.repeat_interleave(g, 0)[None], values.repeat_interleave(g, 0)[None],
+                0.0, False, attn_mask=mask, scale=self.scale)
+            attn, lse = attn[0], lse[0]
+        else:
+            # Batched 4-D inputs with grouped heads: torch's fused CPU kernel instead of the math path, which
+            # materialised (H_q, n, L) scores (a 2k-token re-read over a 2k cache: 560 -> 115 ms a layer).
+            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                                  scale=self.scale, enable_gqa=True)[0]
         out = _lin(attn.transpose(0, 1).reshape(n, self.num_heads * self.head_dim), w[p + "self_attn.o_proj.weight"])
         h = h + out
         x = _rms_norm(h, w[p + "post_attention_layernorm.weight"], self.eps)
         mlp = F.silu(_lin(x, w[p + "mlp.gate_proj.weight"])) * _lin(x, w[p + "mlp.up_proj.weight"])
         h = h + _lin(mlp, w[p + "mlp.down_proj.weight"])
+        if want_lse:
+            return h, LayerKV(keys, values, bias.float()), q, lse
         return h, LayerKV(keys, values, bias.float()), q
 
-    def layer_by_layer(self, token_ids, past, start_position: int):
+    def layer_by_layer(self, token_ids, past, start_position: int, want_lse: bool = False):
         """The forward of ``token_ids`` after a cache, one layer per ``next()``: yields each layer's
-        ``(LayerKV of cache + new tokens, post-RoPE queries (n, H_q, d))``.
+        ``(LayerKV of cache + new tokens, post-RoPE queries (n, H_q, d))``, and with ``want_lse`` each query's
+        log-sum-exp of attention logits ``(H_q, n)`` (on the CPU kernel; the same outputs).
 
         ``past(i)`` returns layer ``i``'s cached :class:`LayerKV` when the pass reaches it (so a caller can
         read it lazily, and spread the pass over engine steps); the cached entries are never modified.
@@ -161,8 +181,9 @@ class ReferenceLlama:
         positions = torch.arange(start_position, start_position + ids.numel(), device=h.device)
         for i in range(self.num_layers):
             with torch.no_grad():
-                h, kv, q = self._layer(i, h, positions, past(i))
-            yield kv, q
+                out = self._layer(i, h, positions, past(i), want_lse)
+            h = out[0]
+            yield out[1:]
 
     def _run(self, token_ids, cache: list[LayerKV] | None, start_position: int, want_queries: bool):
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
+from vllm_attnmatch.algorithms.kvzip import reconstruction_scores_from_lse
 from vllm_attnmatch.algorithms.queries import group_queries
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, PrefixBatch, ReferenceLlama
 
@@ -124,18 +124,22 @@ class RepeatPass:
         self.key_scores = key_scores
         self.seconds = 0.0
         self._model = model
-        self._layers = model.layer_by_layer(list(prompt_ids) + repeated, past, self.start)
+        self._layers = model.layer_by_layer(list(prompt_ids) + repeated, past, self.start, want_lse=key_scores)
 
     def next_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next layer's queries of the repeated copy ``(n, H_q, d)`` and, if asked, its key scores."""
         started = time.perf_counter()
-        kv, q = next(self._layers)
         scores = None
         if self.key_scores:
+            kv, q, lse = next(self._layers)
             m = self._model
             H = m.num_kv_heads
-            scores = reconstruction_scores(group_queries(q[self.skip:], H)[0], kv.keys,
-                                           self.positions.repeat(m.num_heads // H), self.start, m.scale)
+            # lse (H_q, n) -> (H_kv, G·n): query head j·G + g's rows, in group_queries' order
+            rows = lse[:, self.skip:].reshape(H, -1)
+            scores = reconstruction_scores_from_lse(group_queries(q[self.skip:], H)[0], kv.keys[:, :self.start],
+                                                    rows, m.scale)
+        else:
+            kv, q = next(self._layers)
         self.seconds += time.perf_counter() - started
         return q[self.skip:], scores
 
