@@ -140,3 +140,24 @@ def test_a_request_refused_again_after_a_preemption_is_counted_once(budget_sched
     statuses = {k: r.status for k, r in _reports(scheduler, [first, second]).items()}
     assert statuses == {"first": COMPACTED, "second": NOT_COMPACTED}
     assert scheduler.am_stats.values["capture_refused"] == 1
+
+
+def test_the_budget_is_logged_once_at_start_up_in_mib_with_where_it_came_from(budget_scheduler):
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("vllm.attnmatch.scheduler")
+    log.addHandler(handler)
+    try:
+        budget_scheduler(1.5)
+        budget_scheduler(None)
+    finally:
+        log.removeHandler(handler)
+    budgets = [m for m in records if "capture budget" in m]
+    assert len(budgets) == 2
+    assert budgets[0].startswith("vllm-attnmatch capture budget 1.5 MiB per device (capture_budget_mib)")
+    default_mib = 4 * min(4096, 2048) * ROW_BYTES / MIB
+    assert budgets[1].startswith(f"vllm-attnmatch capture budget {default_mib:.1f} MiB per device (default: 4 captures")
+    assert f"a captured row takes {ROW_BYTES} bytes" in budgets[1]
