@@ -237,6 +237,20 @@ def test_the_option_check_runs_at_the_served_models_shapes():
     assert shape.span_end - shape.keep_first > 300 and shape.target > 64
 
 
+def test_the_engine_config_hook_runs_the_option_check_at_the_served_models_shapes(monkeypatch):
+    """The hook, not only the helper: building the engine config checks the options once, at the model's
+    shapes and with the server's section."""
+    from vllm_attnmatch.frontend import plugin
+    from vllm_attnmatch.frontend.option_check import CheckShape
+
+    calls = []
+    monkeypatch.setattr(plugin, "check_algorithm_options", lambda server, shape: calls.append((server, shape)))
+    _engine_config({"attnmatch": {"method": "omp", "algorithm": {"omp": {"max_queries": 64}}}})
+    ((server, shape),) = calls
+    assert shape == CheckShape(kv_heads=3, query_heads=9, head_dim=64, tokens=384)
+    assert server.method == "omp" and server.algorithm["omp"]["max_queries"] == 64
+
+
 def test_the_option_check_leaves_the_torch_thread_count_alone():
     """It runs single-threaded in a thread of its own: neither the caller's count nor the default that
     threads started later begin with may change (an in-process engine would compute on one thread)."""
