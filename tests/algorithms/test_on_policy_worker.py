@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vllm_attnmatch.algorithms.on_policy import on_policy_pass
+from vllm_attnmatch.algorithms.reference_llama import LayerKV
 from vllm_attnmatch.config import ServerConfig
 from vllm_attnmatch.contract.jobs import CompactionJob
 from vllm_attnmatch.engine.layouts import layout_for_span
@@ -84,6 +85,21 @@ def test_the_engine_compacts_layer_l_on_the_queries_that_reach_it_through_compac
     off_last = compact_layer(job, *kv.gather(last, src, 160), queries[last], positions, kv.scale(last), *seen[29])
     torch.testing.assert_close(made.layers[first][1], off_first[1])  # nothing compacted before layer 0
     assert not torch.allclose(made.layers[last][1], off_last[1])  # layer 29 saw compacted layers 0..28
+
+    # On-policy reference, built here: the same rows through a cache whose layers < l are compacted.
+    def compact_then_continue(layer, q, pos):
+        name = kv.layer_names()[layer]
+        keys, values, beta, _ = compact_layer(job, *kv.gather(name, src, 160), queries[name], positions,
+                                              kv.scale(name), q, pos)
+        seen[layer] = (keys, values, beta)
+        prefix = layout.prefix_physical_len
+        return LayerKV(keys[:, :prefix].float(), values[:, :prefix].float(), beta[:, :prefix].float()), None
+
+    on_policy_pass(model, cache, made.rows, compact_then_continue)
+    for layer in (0, 15, 29):
+        name = kv.layer_names()[layer]
+        for got, expected in zip(made.layers[name][:3], seen[layer]):
+            torch.testing.assert_close(got, expected)
 
     # The job's slices write exactly what the pass produced, and report where the time went.
     run = JobRun(job, kv, {}, None, compacted=made)
