@@ -88,6 +88,8 @@ CELLS: dict[str, Cell | None] = {
     "omp_rep": Cell("omp", "repeat", {"recent": 0.1, "max_queries": 1024, "query_gap": 0}),
     # One selection shared by heads (and layers), so a fact is kept everywhere or nowhere
     # (recall_dev_global: run as variants layer, g_mean, g_rank, g_max, g_mean_pool5).
+    "kvzip_words": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_words"),
+    "kvzip_words_fit": Cell("highest_attention", "repeat", {"recent": 0.0, "query_gap": 0}, scores="kvzip_words"),
     "kvzip_shared_layer": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_layer"),
     "kvzip_shared_mean": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_global_mean"),
     "kvzip_shared_rank": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_global_rank"),
@@ -101,6 +103,30 @@ CELLS: dict[str, Cell | None] = {
     "kvzip_reread_check50": Cell("highest_attention", "repeat", {"recent": 0.0, "check_share": 0.5, **NO_FIT},
                                  scores="check"),
 }
+
+
+def word_ids(pieces: list[str]) -> torch.Tensor:
+    """``(T,)`` the word each token belongs to: a token that starts with whitespace or is punctuation
+    starts a word; any other continues the one before (so a number's digits, split one per token after a
+    lone space, and a name's pieces form one word)."""
+    def wordy(piece: str) -> bool:
+        return any(c.isalnum() for c in piece)
+
+    out, word = [], -1
+    for i, piece in enumerate(pieces):
+        prev = pieces[i - 1] if i else ""
+        starts = i == 0 or piece[:1].isspace() or not wordy(piece) or not (wordy(prev) or prev.isspace())
+        word += starts
+        out.append(word)
+    return torch.tensor(out)
+
+
+def word_max(scores: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """``(H, T)`` each token's score replaced by the largest of its word's tokens."""
+    H = scores.shape[0]
+    best = torch.full((H, int(words.max()) + 1), float("-inf")).scatter_reduce(
+        1, words.expand(H, -1), scores.float(), "amax")
+    return best.gather(1, words.expand(H, -1))
 
 
 class Document:
@@ -152,6 +178,7 @@ class Document:
                                           for layer in layers]
             self.study_s = time.perf_counter() - t0
         self.questions = [tok(q.text, add_special_tokens=False)["input_ids"] for q in task.questions]
+        self.words = word_ids([tok.decode([i]) for i in self.ids])
 
     def compacted(self, cell: Cell, ratio: float) -> tuple[list[LayerKV], float]:
         t = budget(self.T, ratio=ratio)
@@ -192,6 +219,8 @@ class Document:
             return torch.maximum(self.kvzip[layer], self.study[layer])
         if kind == "kvzip_surprisal":
             return self.kvzip[layer] * (1.0 + s)
+        if kind == "kvzip_words":  # a word (a number's digits, a name's pieces) kept whole or not at all
+            return word_max(self.kvzip[layer], self.words)
         if kind == "kvzip_layer":  # one selection for every head of a layer: its heads' largest score
             return self.kvzip[layer].amax(0, keepdim=True).expand(H, -1)
         if kind in ("kvzip_global_mean", "kvzip_global_rank", "kvzip_global_max"):
