@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from vllm_attnmatch.algorithms import budget, compact, group_queries
 from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
+from vllm_attnmatch.algorithms.words import word_ids, word_max
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, PrefixBatch, ReferenceLlama
 from vllm_attnmatch.worker.query_sources import Prompt, repeat_queries, self_study_batched
 
@@ -88,6 +89,8 @@ CELLS: dict[str, Cell | None] = {
     "omp_rep": Cell("omp", "repeat", {"recent": 0.1, "max_queries": 1024, "query_gap": 0}),
     # One selection shared by heads (and layers), so a fact is kept everywhere or nowhere
     # (recall_dev_global: run as variants layer, g_mean, g_rank, g_max, g_mean_pool5).
+    # The served `documents` preset (vllm_attnmatch/configs/documents.yaml): KVzip by whole words, no fit.
+    "documents": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_words"),
     "kvzip_words": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_words"),
     "kvzip_words_fit": Cell("highest_attention", "repeat", {"recent": 0.0, "query_gap": 0}, scores="kvzip_words"),
     "kvzip_shared_layer": Cell("highest_attention", "repeat", {"recent": 0.0, **NO_FIT}, scores="kvzip_layer"),
@@ -103,30 +106,6 @@ CELLS: dict[str, Cell | None] = {
     "kvzip_reread_check50": Cell("highest_attention", "repeat", {"recent": 0.0, "check_share": 0.5, **NO_FIT},
                                  scores="check"),
 }
-
-
-def word_ids(pieces: list[str]) -> torch.Tensor:
-    """``(T,)`` the word each token belongs to: a token that starts with whitespace or is punctuation
-    starts a word; any other continues the one before (so a number's digits, split one per token after a
-    lone space, and a name's pieces form one word)."""
-    def wordy(piece: str) -> bool:
-        return any(c.isalnum() for c in piece)
-
-    out, word = [], -1
-    for i, piece in enumerate(pieces):
-        prev = pieces[i - 1] if i else ""
-        starts = i == 0 or piece[:1].isspace() or not wordy(piece) or not (wordy(prev) or prev.isspace())
-        word += starts
-        out.append(word)
-    return torch.tensor(out)
-
-
-def word_max(scores: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """``(H, T)`` each token's score replaced by the largest of its word's tokens."""
-    H = scores.shape[0]
-    best = torch.full((H, int(words.max()) + 1), float("-inf")).scatter_reduce(
-        1, words.expand(H, -1), scores.float(), "amax")
-    return best.gather(1, words.expand(H, -1))
 
 
 class Document:

@@ -118,3 +118,18 @@ def test_prompt_families_are_exactly_the_server_setting_choices():
     from vllm_attnmatch.config import ServerConfig
 
     assert set(get_args(ServerConfig.model_fields["self_study_prompts"].annotation)) == set(PROMPT_FAMILIES)
+
+
+def test_repeat_source_scores_whole_words_when_asked(setup):
+    from vllm_attnmatch.algorithms.words import TokenPieces, word_ids, word_max
+    from vllm_attnmatch.worker.query_sources import RepeatPass
+
+    model, tok, ids, cache = setup
+    prompt = tok("\nRepeat the previous context verbatim.\n", add_special_tokens=False)["input_ids"]
+    words = word_ids(TokenPieces(tok.decode)(ids))
+    assert words.max() < len(ids) - 1  # the text has words of several tokens
+    by_token = RepeatPass(model, cache.__getitem__, ids, prompt, 40, key_scores=True)
+    by_word = RepeatPass(model, cache.__getitem__, ids, prompt, 40, key_scores=True, words=words)
+    for _ in range(model.num_layers):
+        (q1, s1), (q2, s2) = by_token.next_layer(), by_word.next_layer()
+        assert torch.equal(q1, q2) and torch.equal(s2, word_max(s1, words))

@@ -58,6 +58,10 @@ class HighestAttention(Method):
     late_fraction : score with the latest fraction of the context's queries only (1 = all).
     sinks : first keys always kept (attention sinks).
     recent : last keys always kept, as a fraction of the budget.
+    words : with the ``reconstruction`` reduction, score whole words: a key's score is the largest of its
+        word's tokens, so a number's digits and a name's pieces are kept or dropped together
+        (:mod:`.words`). The ``repeat`` source applies it where it computes the scores (the worker has the
+        tokenizer); any other reduction refuses it.
     """
 
     reduction: str = "sum"
@@ -66,7 +70,13 @@ class HighestAttention(Method):
     late_fraction: float = 1.0
     sinks: int = 4
     recent: float = 0.65
+    words: bool = False
     fits = True
+
+    def __post_init__(self) -> None:
+        if self.words and self.reduction != RECONSTRUCTION:
+            raise ValueError(f"words: true needs reduction: {RECONSTRUCTION} (KVzip's score over repeat queries), "
+                             f"not {self.reduction!r}")
 
     def select(self, inp: CompactionInputs) -> torch.Tensor:
         t = inp.target

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_attnmatch.algorithms.kvzip import reconstruction_scores_from_lse
+from vllm_attnmatch.algorithms.words import word_max
 from vllm_attnmatch.algorithms.queries import group_queries
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, PrefixBatch, ReferenceLlama
 
@@ -115,13 +116,14 @@ class RepeatPass:
     """
 
     def __init__(self, model: ReferenceLlama, past, context_ids: list[int], prompt_ids: list[int], max_tokens: int,
-                 key_scores: bool = False) -> None:
+                 key_scores: bool = False, words: torch.Tensor | None = None) -> None:
         self.start = len(context_ids)
         repeated = list(context_ids[:max_tokens])
         self.skip = len(prompt_ids)
         self.positions = torch.arange(self.start + self.skip, self.start + self.skip + len(repeated))
         self.tokens = self.skip + len(repeated)
         self.key_scores = key_scores
+        self.words = words  # (len(context),) word ids: scores by whole words (algorithms.words)
         self.seconds = 0.0
         self._model = model
         self._layers = model.layer_by_layer(list(prompt_ids) + repeated, past, self.start, want_lse=key_scores)
@@ -138,6 +140,8 @@ class RepeatPass:
             rows = lse[:, self.skip:].reshape(H, -1)
             scores = reconstruction_scores_from_lse(group_queries(q[self.skip:], H)[0], kv.keys[:, :self.start],
                                                     rows, m.scale)
+            if self.words is not None:
+                scores = word_max(scores, self.words)
         else:
             kv, q = next(self._layers)
         self.seconds += time.perf_counter() - started

@@ -22,6 +22,7 @@ import torch
 from vllm_attnmatch.algorithms.highest_attention import RECONSTRUCTION
 from vllm_attnmatch.algorithms.on_policy import on_policy_pass
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
+from vllm_attnmatch.algorithms.words import TokenPieces, word_ids
 from vllm_attnmatch.worker.executor import compact_layer, layer_index
 from vllm_attnmatch.worker.query_sources import (
     PROMPT_FAMILIES,
@@ -121,6 +122,7 @@ class SyntheticQueryProducer:
         self.model = model
         self.settings = settings
         self.encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.pieces = TokenPieces(tokenizer.decode)  # token id -> its text, for scoring whole words
         self.repeat_prompt = self.encode(REPEAT_PROMPT)
         self.family = getattr(settings, "self_study_prompts", "tasks")
         if self.family not in PROMPT_FAMILIES:
@@ -205,8 +207,10 @@ class SyntheticQueryProducer:
         if job.queries == "repeat":
             # A layer at a time, inside the job's layer slices; each layer's cache is read when reached.
             names = self._layer_names(kv)
+            scored = job.options.get("reduction") == RECONSTRUCTION
+            words = word_ids(self.pieces(context)) if scored and job.options.get("words") else None
             run = RepeatPass(self.model, lambda i: self._prefix_layer(job, kv, names[i]), context, self.repeat_prompt,
-                             self.settings.repeat_max_tokens, key_scores=job.options.get("reduction") == RECONSTRUCTION)
+                             self.settings.repeat_max_tokens, key_scores=scored, words=words)
             return LayeredRepeatQueries(names, run)
         if job.queries != "self_study":
             raise ValueError(f"unknown query source {job.queries!r}")
