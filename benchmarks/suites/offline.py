@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from vllm_attnmatch.algorithms import BASELINES, METHODS, budget, compact, group_queries
 from vllm_attnmatch.algorithms.highest_attention import RECONSTRUCTION
 from vllm_attnmatch.algorithms.kvzip import reconstruction_scores
+from vllm_attnmatch.algorithms.words import TokenPieces, word_ids, word_max
 from vllm_attnmatch.algorithms.reference_llama import LayerKV, ReferenceLlama
 from vllm_attnmatch.algorithms.targets import compute_targets
 
@@ -75,6 +76,7 @@ class Workload:
             pos = torch.arange(start, len(seq))
             self.queries["repeat"] = [group_queries(q[start:], H, pos) for q in rq]
         self._key_scores: list[torch.Tensor] | None = None
+        self.words = word_ids(TokenPieces(tokenizer.decode)(self.doc))  # for presets that score whole words
 
     def key_scores(self, layer: int) -> torch.Tensor:
         """KVzip's reconstruction score of the document's keys (what the served repeat source computes for
@@ -99,7 +101,8 @@ def run_one(w: Workload, method: str, ratio: float, source: str, options: dict |
         t0 = time.perf_counter()
         extra = {}
         if source == "repeat" and options.get("reduction") == RECONSTRUCTION:
-            extra["key_scores"] = w.key_scores(layer)
+            scores = w.key_scores(layer)
+            extra["key_scores"] = word_max(scores, w.words) if options.get("words") else scores  # as served
         r = compact(kv.keys, kv.values, q, t, method, query_positions=qpos, key_positions=w.key_positions,
                     **options, **extra)
         secs += time.perf_counter() - t0
