@@ -353,6 +353,10 @@ def test_the_route_serves_reports_and_a_clear_404_through_vllms_endpoint_plugins
     attach_endpoint_plugins(app, ("generate",))
     assert [p.name for p in app.state.endpoint_plugins] == [report_endpoint.PLUGIN_NAME]
 
+    from vllm_attnmatch.ipc.report_scope import ScopeRecorder
+
+    scopes = ScopeRecorder(tmp_path)  # chosen ids, recorded as the API server's middleware records them
+    scopes.record("xyz", None), scopes.record("mine", None)
     recorder = _recorder(tmp_path)
     _admit(recorder, "chatcmpl-xyz-1a2b3c4d", 140, {"am_ratio": 0.1})
     recorder.flush()
